@@ -1,0 +1,337 @@
+"""Shared pieces of the consistency-model alignment scripts, and only these two:
+
+1. ``gaussian_divergence``: closed forms of f-divergences between two Gaussians with equal
+   isotropic std, the per-step policies of a latent consistency model's sampling chain.
+2. ``load_reward``: reward models as differentiable functions of decoded images.
+
+Everything else (sampling chain, losses, training loops) lives in each algorithm's own file.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# 1. f-divergences between N(mean_p, std^2 I) and N(mean_q, std^2 I)
+# ---------------------------------------------------------------------------------------------
+#
+# Everything depends on the squared Mahalanobis distance d2 = ||mean_p - mean_q||^2 / std^2.
+# reduction="joint" takes the divergence of the full latent Gaussians (d2 summed over every
+# dimension); reduction="per_dim" takes the divergence of each 1-D marginal and averages.
+# For KL the two differ only by the factor 1/num_dims; for the bounded divergences (Hellinger,
+# JS, TV) they differ in kind: over 16,384 latent dimensions the joint d2 is large, the joint
+# divergence saturates at its bound and its gradient (a factor exp(-d2/8)) vanishes.
+
+DIVERGENCES = ("kl", "reverse_kl", "hellinger", "js", "fisher", "tv", "chi2", "none")
+REDUCTIONS = ("joint", "per_dim")
+JS_ESTIMATORS = ("quadrature", "sampled")
+
+_GAUSS_HERMITE_POINTS = 96
+
+
+@lru_cache(maxsize=None)
+def _standard_normal_quadrature(num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights with sum(w * g(z)) ~= E_{z ~ N(0,1)} g(z) (Gauss-Hermite, rescaled)."""
+    nodes, weights = np.polynomial.hermite.hermgauss(num_points)
+    return nodes * math.sqrt(2.0), weights / math.sqrt(math.pi)
+
+
+def _js_from_d2(d2: torch.Tensor) -> torch.Tensor:
+    """Exact JS(p||q) of equal-variance Gaussians at squared separation d2, any shape.
+
+    Along the line joining the means the log-ratio log q/p at x = mean_p + std * z is
+    -d z - d2 / 2 with d = sqrt(d2), so JS = log 2 - E_z softplus(-d z - d2 / 2), a 1-D integral.
+    """
+    nodes, weights = _standard_normal_quadrature(_GAUSS_HERMITE_POINTS)
+    z = torch.as_tensor(nodes, dtype=d2.dtype, device=d2.device)
+    w = torch.as_tensor(weights, dtype=d2.dtype, device=d2.device)
+    # sqrt has an infinite derivative at 0; the clamp keeps the gradient finite at equal means
+    # (the true derivative there, d JS / d d2 = 1/8, is carried by the d2 / 2 term).
+    d = d2.clamp_min(1e-20).sqrt()
+    integrand = F.softplus(-d.unsqueeze(-1) * z - d2.unsqueeze(-1) / 2)
+    return (math.log(2.0) - (integrand * w).sum(-1)).clamp_min(0.0)
+
+
+def _js_sampled(delta_over_std: torch.Tensor, reduction: str, generator: torch.Generator | None):
+    """The sampled JS estimate (one draw per sample, antithetic pair), as in the ROCM paper.
+
+    x ~ p gives log q/p = -<z, delta> - d2/2; x ~ q (same z) gives log p/q = <z, delta> - d2/2.
+    """
+    z = torch.randn(delta_over_std.shape, generator=generator, device=delta_over_std.device,
+                    dtype=delta_over_std.dtype)
+    if reduction == "joint":
+        projection = (z * delta_over_std).flatten(1).sum(1)
+        half_d2 = delta_over_std.flatten(1).square().sum(1) / 2
+        return math.log(2.0) - 0.5 * (F.softplus(-projection - half_d2) + F.softplus(projection - half_d2))
+    projection = z * delta_over_std
+    half_d2 = delta_over_std.square() / 2
+    per_dim = math.log(2.0) - 0.5 * (F.softplus(-projection - half_d2) + F.softplus(projection - half_d2))
+    return per_dim.flatten(1).mean(1)
+
+
+def gaussian_divergence(
+    name: str,
+    mean_p: torch.Tensor,
+    mean_q: torch.Tensor,
+    std: torch.Tensor | float,
+    reduction: str = "joint",
+    js_estimator: str = "quadrature",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """D(p || q) for p = N(mean_p, std^2 I), q = N(mean_q, std^2 I), one value per sample.
+
+    mean_p, mean_q: (B, ...) tensors; std: a float or a tensor broadcastable to them (e.g. (B,1,1,1)).
+    name: one of DIVERGENCES.
+      kl          KL(p||q) = d2 / 2
+      reverse_kl  KL(q||p); identical to kl for equal variances (kept so tables read naturally)
+      hellinger   squared Hellinger distance 1 - BC = 1 - exp(-d2 / 8), in [0, 1]
+      js          Jensen-Shannon, in [0, log 2]; exact by quadrature or the paper's sampled estimate
+      fisher      E_p ||grad log p - grad log q||^2 = ||mean_p - mean_q||^2 / std^4 (not scale invariant)
+      tv          total variation erf(sqrt(d2) / (2 sqrt 2)), in [0, 1]
+      chi2        chi-squared exp(d2) - 1 (explodes quickly: use per_dim)
+      none        zero (the unregularized baseline)
+    reduction: "joint" (the latent vector as one Gaussian) or "per_dim" (average of the 1-D
+      marginals' divergences).
+    """
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence '{name}'; choose one of: {', '.join(DIVERGENCES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction '{reduction}'; choose one of: {', '.join(REDUCTIONS)}")
+    if js_estimator not in JS_ESTIMATORS:
+        raise ValueError(f"unknown JS estimator '{js_estimator}'; choose one of: {', '.join(JS_ESTIMATORS)}")
+    if mean_p.shape != mean_q.shape:
+        raise ValueError(f"mean shapes differ: {tuple(mean_p.shape)} vs {tuple(mean_q.shape)}")
+
+    std = torch.as_tensor(std, dtype=mean_p.dtype, device=mean_p.device)
+    delta_over_std = (mean_p - mean_q) / std
+    if name == "none":
+        return delta_over_std.flatten(1).sum(1) * 0.0
+    if name == "js" and js_estimator == "sampled":
+        return _js_sampled(delta_over_std, reduction, generator)
+    if name == "fisher":
+        per_dim_value = (delta_over_std / std).square()
+        flat = per_dim_value.flatten(1)
+        return flat.sum(1) if reduction == "joint" else flat.mean(1)
+
+    d2 = delta_over_std.square()
+    d2 = d2.flatten(1).sum(1) if reduction == "joint" else d2
+    if name in ("kl", "reverse_kl"):
+        value = d2 / 2
+    elif name == "hellinger":
+        value = -torch.expm1(-d2 / 8)
+    elif name == "js":
+        value = _js_from_d2(d2)
+    elif name == "tv":
+        value = torch.erf(d2.clamp_min(1e-20).sqrt() / (2 * math.sqrt(2.0)))
+    else:  # chi2
+        value = torch.expm1(d2)
+    return value if reduction == "joint" else value.flatten(1).mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Reward models
+# ---------------------------------------------------------------------------------------------
+#
+# A reward is a frozen nn.Module called as reward(images, prompts) -> (B,) with images in [0, 1],
+# shape (B, 3, H, W). Preprocessing runs on tensors (resize, crop, normalize) so gradients reach
+# the images; PIL-based processors would cut the graph and shift scores (~0.1 PickScore).
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# name -> (default weights, default tokenizer source)
+REWARD_DEFAULTS = {
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    # HPSv2 v2.0 converted to transformers' CLIPModel (the open_clip original needs open_clip).
+    "hpsv2": ("adams-story/HPSv2-hf", "adams-story/HPSv2-hf"),
+    "clipscore": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+    "aesthetic": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+    "imagereward": ("ImageReward-v1.0", None),
+    "jpeg_compressibility": (None, None),
+    "jpeg_incompressibility": (None, None),
+}
+REWARDS = tuple(REWARD_DEFAULTS)
+DIFFERENTIABLE_REWARDS = ("pickscore", "hpsv2", "clipscore", "aesthetic")
+
+AESTHETIC_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD_REPO = "camenduru/improved-aesthetic-predictor"
+
+
+def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable CLIP preprocessing: clamp, bicubic resize of the short side, center crop, normalize."""
+    images = images.clamp(0, 1)
+    height, width = images.shape[-2:]
+    scale = size / min(height, width)
+    new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+    if new_size != (height, width):
+        images = F.interpolate(images, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+    images = images[..., top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _tokenizer_source(name: str, path: str) -> str:
+    """Local directories carry their own tokenizer; hub weights without one use the default."""
+    if os.path.isdir(path):
+        if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "vocab.json", "tokenizer.json")):
+            return path
+    elif path != REWARD_DEFAULTS[name][0]:
+        return path
+    return REWARD_DEFAULTS[name][1]
+
+
+class ClipReward(nn.Module):
+    """Score from a CLIP-style dual encoder: pickscore, hpsv2, clipscore, aesthetic."""
+
+    differentiable = True
+
+    def __init__(self, name: str, clip_model, tokenizer, aesthetic_head: nn.Module | None = None):
+        super().__init__()
+        self.name = name
+        self.clip = clip_model
+        self.tokenizer = tokenizer
+        self.aesthetic_head = aesthetic_head
+        self.image_size = clip_model.config.vision_config.image_size
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = clip_preprocess(images.float(), self.image_size).to(self.clip.dtype)
+        embeds = self.clip.get_image_features(pixel_values=pixels)
+        embeds = getattr(embeds, "pooler_output", embeds)
+        return F.normalize(embeds.float(), dim=-1)
+
+    def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        device = next(self.clip.parameters()).device
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                max_length=min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings),
+                                return_tensors="pt").to(device)
+        embeds = self.clip.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        embeds = getattr(embeds, "pooler_output", embeds)
+        return F.normalize(embeds.float(), dim=-1)
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        image = self.image_embeds(images)
+        if self.name == "aesthetic":
+            return self.aesthetic_head(image.to(next(self.aesthetic_head.parameters()).dtype)).squeeze(-1).float()
+        cosine = (image * self.text_embeds(prompts)).sum(-1)
+        if self.name == "pickscore":
+            return self.clip.logit_scale.exp().float() * cosine
+        if self.name == "clipscore":
+            return 2.5 * cosine.clamp_min(0.0)  # Hessel et al. 2021, w = 2.5
+        return cosine  # hpsv2: the raw cosine, no logit scale
+
+
+def aesthetic_mlp(in_features: int) -> nn.Sequential:
+    """The LAION aesthetic predictor v2 head. It has no activations: dropout only, so eval() makes it linear."""
+    return nn.Sequential(
+        nn.Linear(in_features, 1024), nn.Dropout(0.2),
+        nn.Linear(1024, 128), nn.Dropout(0.2),
+        nn.Linear(128, 64), nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+
+
+def _load_aesthetic_head(path: str) -> nn.Module:
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, AESTHETIC_HEAD_FILE)):
+        head_file = os.path.join(path, AESTHETIC_HEAD_FILE)
+    else:
+        from huggingface_hub import hf_hub_download
+        head_file = hf_hub_download(AESTHETIC_HEAD_REPO, AESTHETIC_HEAD_FILE)
+    state = torch.load(head_file, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("layers."): v for k, v in state.items()}
+    head = aesthetic_mlp(state["0.weight"].shape[1])
+    head.load_state_dict(state)
+    return head
+
+
+class JpegReward(nn.Module):
+    """Size of the image as a quality-95 JPEG in kB: negated (compressibility) or not. No gradient."""
+
+    differentiable = False
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.sign = -1.0 if name == "jpeg_compressibility" else 1.0
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        from PIL import Image
+
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        sizes = []
+        for array in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+            sizes.append(buffer.tell() / 1000.0)
+        return self.sign * torch.tensor(sizes, device=images.device)
+
+
+class ImageRewardReward(nn.Module):
+    """ImageReward (Xu et al. 2023) through its own package, for evaluation. No gradient."""
+
+    differentiable = False
+
+    def __init__(self, model):
+        super().__init__()
+        self.name = "imagereward"
+        self.model = model
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        from PIL import Image
+
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        # The package's score() already applies the published normalization (r - 0.1672) / 1.0333.
+        scores = [float(self.model.score(prompt, Image.fromarray(array))) for prompt, array in zip(prompts, pixels)]
+        return torch.tensor(scores, device=images.device)
+
+
+def load_reward(name: str, path: str | None = None, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a frozen reward model: reward(images in [0,1] (B,3,H,W), prompts) -> rewards (B,).
+
+    name: one of REWARDS. path: a hub id or a local directory in the model's own on-disk format
+    (transformers CLIPModel save_pretrained; for aesthetic, the CLIP directory may also hold the
+    LAION head file sac+logos+ava1-l14-linearMSE.pth). None uses the hub defaults in REWARD_DEFAULTS.
+    The returned module has .name and .differentiable.
+    """
+    if name not in REWARD_DEFAULTS:
+        raise ValueError(f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
+    path = path or REWARD_DEFAULTS[name][0]
+
+    if name.startswith("jpeg_"):
+        reward = JpegReward(name)
+    elif name == "imagereward":
+        try:
+            import ImageReward as image_reward_package
+        except ImportError as error:
+            raise ImportError("reward 'imagereward' needs its package: pip install image-reward") from error
+        reward = ImageRewardReward(image_reward_package.load(path, device=str(device)))
+    else:
+        from transformers import AutoTokenizer, CLIPModel
+
+        try:
+            clip = CLIPModel.from_pretrained(path, torch_dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(name, path))
+            head = _load_aesthetic_head(path) if name == "aesthetic" else None
+        except Exception as error:  # hub errors come in many types; all mean the same to the user
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise FileNotFoundError(
+                f"could not load reward '{name}' from '{path}' ({first_line}); pass a local directory "
+                f"as {name}=DIR or make the hub reachable") from error
+        reward = ClipReward(name, clip, tokenizer, head)
+
+    reward.requires_grad_(False)
+    return reward.eval().to(device)

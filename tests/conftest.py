@@ -1,0 +1,44 @@
+"""Shared test fixtures: the tiny offline world (built once per session) and a script runner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of the tiny LCM pipeline, reward models and prompts file (see tests/tiny_world.py)."""
+    from tests.tiny_world import build_tiny_world
+
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture
+def run_script(tmp_path):
+    """Run a top-level script as a user would; returns the CompletedProcess (never raises)."""
+
+    def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / script), "--device", "cpu", "--mixed-precision", "no",
+                   "--output-dir", str(tmp_path / "runs"), *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def tiny_args(tiny, reward: str = "aesthetic", steps: int = 2) -> list[str]:
+    """The flags that point a script at the tiny world: model, rewards, prompts, small sizes."""
+    reward_path = tiny["aesthetic"] if reward == "aesthetic" else tiny["clip"]
+    return ["--model", str(tiny["lcm"]), "--reward", f"{reward}={reward_path}",
+            "--eval-rewards", f"clipscore={tiny['clip']}", "--prompts-file", str(tiny["prompts"]),
+            "--eval-prompts-file", str(tiny["prompts"]), "--resolution", "32", "--num-inference-steps", "4",
+            "--train-steps", str(steps), "--eval-every", "0", "--batch-size", "2"]
