@@ -45,20 +45,23 @@ def _standard_normal_quadrature(num_points: int) -> tuple[np.ndarray, np.ndarray
     return nodes * math.sqrt(2.0), weights / math.sqrt(math.pi)
 
 
+def _safe_sqrt(d2: torch.Tensor) -> torch.Tensor:
+    """sqrt with a finite (zero) gradient at 0, where the divergences below are flat anyway."""
+    return torch.where(d2 > 0, d2.clamp_min(1e-30).sqrt(), torch.zeros_like(d2))
+
+
 def _js_from_d2(d2: torch.Tensor) -> torch.Tensor:
     """Exact JS(p||q) of equal-variance Gaussians at squared separation d2, any shape.
 
     Along the line joining the means the log-ratio log q/p at x = mean_p + std * z is
-    -d z - d2 / 2 with d = sqrt(d2), so JS = log 2 - E_z softplus(-d z - d2 / 2), a 1-D integral.
+    -d z - d2 / 2 with d = sqrt(d2), so JS = E_z [log 2 - softplus(-d z - d2 / 2)], a 1-D integral.
+    Integrating log 2 - softplus(.) rather than subtracting afterwards makes JS exactly 0 at d2 = 0.
     """
     nodes, weights = _standard_normal_quadrature(_GAUSS_HERMITE_POINTS)
     z = torch.as_tensor(nodes, dtype=d2.dtype, device=d2.device)
     w = torch.as_tensor(weights, dtype=d2.dtype, device=d2.device)
-    # sqrt has an infinite derivative at 0; the clamp keeps the gradient finite at equal means
-    # (the true derivative there, d JS / d d2 = 1/8, is carried by the d2 / 2 term).
-    d = d2.clamp_min(1e-20).sqrt()
-    integrand = F.softplus(-d.unsqueeze(-1) * z - d2.unsqueeze(-1) / 2)
-    return (math.log(2.0) - (integrand * w).sum(-1)).clamp_min(0.0)
+    integrand = math.log(2.0) - F.softplus(-_safe_sqrt(d2).unsqueeze(-1) * z - d2.unsqueeze(-1) / 2)
+    return (integrand * w).sum(-1).clamp_min(0.0)
 
 
 def _js_sampled(delta_over_std: torch.Tensor, reduction: str, generator: torch.Generator | None):
@@ -114,7 +117,7 @@ def gaussian_divergence(
     std = torch.as_tensor(std, dtype=mean_p.dtype, device=mean_p.device)
     delta_over_std = (mean_p - mean_q) / std
     if name == "none":
-        return delta_over_std.flatten(1).sum(1) * 0.0
+        return mean_p.new_zeros(mean_p.shape[0])
     if name == "js" and js_estimator == "sampled":
         return _js_sampled(delta_over_std, reduction, generator)
     if name == "fisher":
@@ -131,7 +134,7 @@ def gaussian_divergence(
     elif name == "js":
         value = _js_from_d2(d2)
     elif name == "tv":
-        value = torch.erf(d2.clamp_min(1e-20).sqrt() / (2 * math.sqrt(2.0)))
+        value = torch.erf(_safe_sqrt(d2) / (2 * math.sqrt(2.0)))
     else:  # chi2
         value = torch.expm1(d2)
     return value if reduction == "joint" else value.flatten(1).mean(1)
