@@ -125,9 +125,9 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
         scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     except Exception as error:  # hub and file errors come in many types; all mean the same here
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -137,7 +137,7 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
         raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
-        module.to(device, dtype=weight_dtype)
+        module.to(device)
     return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
 
 
