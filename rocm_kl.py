@@ -22,6 +22,7 @@ Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 import tyro
 
@@ -65,7 +67,11 @@ class Args:
     eval_every: int = 100
     """evaluate on held-out prompts every this many optimizer steps (0: only at the start and end)"""
     save_every: int = 0
-    """also save the LoRA every this many optimizer steps (0: only at the end)"""
+    """save a resumable checkpoint (LoRA + optimizer state) every this many optimizer steps (0: never)"""
+    checkpoint_limit: int = 3
+    """keep at most this many checkpoints (the oldest are deleted)"""
+    resume: Optional[str] = None
+    """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
 
     # model
     model: str = "SimianLuo/LCM_Dreamshaper_v7"
@@ -153,11 +159,11 @@ def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
     return lora_params
 
 
-def save_lora(unet, directory: Path) -> None:
+def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
     """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it).
 
-    Written to a temporary directory first and renamed, so an interrupted save never leaves a
-    half-written checkpoint in place of a good one.
+    Written to a temporary directory and renamed, so an interrupted save never leaves a
+    half-written directory in place of a good one. training_state, if given, is saved beside it.
     """
     from diffusers import LatentConsistencyModelPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -168,6 +174,8 @@ def save_lora(unet, directory: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     LatentConsistencyModelPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=state,
                                                      safe_serialization=True)
+    if training_state is not None:
+        torch.save(training_state, tmp / "training_state.pt")
     if directory.exists():
         directory.rename(old)
     tmp.rename(directory)
@@ -304,6 +312,132 @@ def rocm_loss(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Ten
     return (-rewards + beta * kl).mean()
 
 
+class RocmObjective(torch.nn.Module):
+    """The loss of one micro-batch as a single forward: chain with gradients, decode, reward.
+
+    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one
+    forward per backward it expects, although the chain calls the UNet K times, plus reference
+    passes and checkpoint recomputations, before the single backward.
+    """
+
+    def __init__(self, args: Args, tokenizer, text_encoder, vae, unet, reward_fn, schedule: list[ChainStep]):
+        super().__init__()
+        self.args, self.tokenizer, self.schedule = args, tokenizer, schedule
+        self.text_encoder, self.vae, self.unet, self.reward_fn = text_encoder, vae, unet, reward_fn
+
+    def forward(self, prompts: list[str], latents, noises, w_embedding):
+        """Returns (loss, per-sample rewards, per-sample KL)."""
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        final, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding, self.args.beta,
+                                 checkpoint=self.args.gradient_checkpointing)
+
+        def score(z):
+            return self.reward_fn(decode(self.vae, z), prompts)
+
+        rewards = torch.utils.checkpoint.checkpoint(score, final, use_reentrant=False) if self.args.checkpoint_decode \
+            else score(final)
+        rewards = rewards.float()
+        return rocm_loss(rewards, kl, self.args.beta), rewards, kl
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, ranks and checkpoints
+# --------------------------------------------------------------------------------------------
+
+def derived_seed(*keys: int) -> int:
+    """A seed derived from (seed, step, micro-batch[, sample]). Stateless: runs resume exactly, ranks differ."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def micro_batch(args: Args, prompts: list[str], step: int, micro: int, rank: int, world_size: int,
+                latent_shape: tuple, num_steps: int, device):
+    """This rank's slice of the global micro-batch: its prompts, initial latents and chain noise.
+
+    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
+    samples one process with batch N*b sees.
+    """
+    chosen = random.Random(derived_seed(args.seed, step, micro)).choices(prompts, k=args.batch_size * world_size)
+    mine = range(rank * args.batch_size, (rank + 1) * args.batch_size)
+    draws = [draw_chain_noise((1, *latent_shape), num_steps,
+                              torch.Generator(device=device).manual_seed(derived_seed(args.seed, step, micro, i)), device)
+             for i in mine]
+    latents = torch.cat([latent for latent, _ in draws])
+    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+    return [chosen[i] for i in mine], latents, noises
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun's environment variables switch on the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_name.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device(device_name), "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, device
+
+
+def global_mean(values: torch.Tensor, world_size: int) -> float:
+    total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def any_rank(flag: bool, device, world_size: int) -> bool:
+    if world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
+    """Fail loudly if the ranks' LoRA weights drifted apart (they cannot when gradients are synchronized)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
+
+
+def save_checkpoint(run_dir: Path, step: int, unet, optimizer, grad_scaler, limit: int) -> None:
+    """checkpoints/step_N: the LoRA (diffusers format) and what resuming needs; keeps the newest `limit`."""
+    trainable = {name: p.detach().cpu() for name, p in unet.named_parameters() if p.requires_grad}
+    save_lora(unet, run_dir / "checkpoints" / f"step_{step:06d}",
+              training_state={"step": step, "lora": trainable, "optimizer": optimizer.state_dict(),
+                              "grad_scaler": grad_scaler.state_dict()})
+    for stale in sorted((run_dir / "checkpoints").glob("step_[0-9]*[0-9]"))[:-limit]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one inside a run directory."""
+    if (path / "training_state.pt").is_file():
+        return path
+    candidates = sorted(c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]") if (c / "training_state.pt").is_file())
+    if not candidates:
+        raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
+                         "or one of its checkpoints/step_N directories")
+    return candidates[-1]
+
+
+def load_checkpoint(checkpoint: Path, unet, optimizer, grad_scaler) -> int:
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    grad_scaler.load_state_dict(state["grad_scaler"])
+    return state["step"]
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation and logging
 # --------------------------------------------------------------------------------------------
@@ -332,12 +466,12 @@ def evaluate(args: Args, models, schedule, prompts: list[str], eval_rewards: dic
     for start in range(0, len(prompts), args.eval_batch_size):
         batch = prompts[start:start + args.eval_batch_size]
         side = args.resolution // vae_scale(vae)
-        shape = (len(batch), unet.config.in_channels, side, side)
-        latents, noises = draw_chain_noise(shape, len(schedule), generator, device)
+        latents, noises = draw_chain_noise((len(batch), unet.config.in_channels, side, side), len(schedule),
+                                           generator, device)
         with autocast:
             embeds = encode_prompts(tokenizer, text_encoder, batch)
-            w_emb = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
-            final, _ = sample_chain(unet, latents, noises, schedule, embeds, w_emb)
+            w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
+            final, _ = sample_chain(unet, latents, noises, schedule, embeds, w_embedding)
             batch_images = decode(vae, final)
         images.append(batch_images.cpu())
         for name, reward in eval_rewards.items():
@@ -363,24 +497,24 @@ def validate(args: Args) -> None:
         (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
         (args.lora_rank < 1, f"--lora-rank must be >= 1 (got {args.lora_rank})"),
         (args.resolution < 1, f"--resolution must be positive (got {args.resolution})"),
+        (args.checkpoint_limit < 1, f"--checkpoint-limit must be >= 1 (got {args.checkpoint_limit})"),
     ]
     for failed, message in problems:
         if failed:
             raise SystemExit(f"error: {message}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
+    if args.resume and not Path(args.resume).is_dir():
+        raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
 
 
 def main(args: Args) -> None:
     validate(args)
-    run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
     train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
 
@@ -392,7 +526,7 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
                          "(pickscore, hpsv2, clipscore, aesthetic) or use rlcm_ppo.py")
     eval_rewards = {}
-    for spec in args.eval_rewards:
+    for spec in args.eval_rewards if is_main else ():
         try:  # kept on the CPU between evaluations so they cost no GPU memory during training
             eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
         except (FileNotFoundError, ImportError) as error:
@@ -407,18 +541,30 @@ def main(args: Args) -> None:
     grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
     models = (tokenizer, text_encoder, vae, unet)
-    latent_shape = (args.batch_size, unet.config.in_channels, args.resolution // vae_scale(vae),
-                    args.resolution // vae_scale(vae))
+    objective = RocmObjective(args, tokenizer, text_encoder, vae, unet, reward_fn, schedule)
+    latent_shape = (unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
     w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
-    noise_generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt_rng = random.Random(args.seed)
 
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    print(f"run directory: {run_dir}")
+    start_step = 0
+    if args.resume:
+        checkpoint = find_checkpoint(Path(args.resume))
+        start_step = load_checkpoint(checkpoint, unet, optimizer, grad_scaler)
+        run_dir = checkpoint.parent.parent
+    else:
+        run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        print(f"run directory: {run_dir}" + (f" (resumed at step {start_step})" if args.resume else ""))
+        print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
+              f"{args.batch_size * args.grad_accum * world_size} images per optimizer step")
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                       resume="allow")
 
     def log(metrics: dict, step: int) -> None:
         with (run_dir / "metrics.jsonl").open("a") as f:
@@ -427,89 +573,105 @@ def main(args: Args) -> None:
             wandb.log(metrics, step=step)
 
     def run_evaluation(step: int) -> None:
-        unet.eval()
-        images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
-        for reward in eval_rewards.values():
-            reward.to("cpu")
-        save_image_grid(images, run_dir / "samples" / f"step_{step:06d}.png")
-        metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
-        print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if args.track:
-            table = wandb.Table(columns=["prompt", "image", *scores])
-            for i, prompt in enumerate(eval_prompts):
-                table.add_data(prompt, wandb.Image(images[i].permute(1, 2, 0).numpy()),
-                               *[values[i].item() for values in scores.values()])
-            metrics["eval/samples"] = table
-        log(metrics, step)
+        if is_main:
+            unet.eval()
+            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
+            for reward in eval_rewards.values():
+                reward.to("cpu")
+            save_image_grid(images, run_dir / "samples" / f"step_{step:06d}.png")
+            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if args.track:
+                table = wandb.Table(columns=["prompt", "image", *scores])
+                for i, prompt in enumerate(eval_prompts):
+                    table.add_data(prompt, wandb.Image(images[i].permute(1, 2, 0).numpy()),
+                                   *[values[i].item() for values in scores.values()])
+                metrics["eval/samples"] = table
+            log(metrics, step)
+        if world_size > 1:
+            dist.barrier()
 
-    def checkpoint_and_stop(message: str) -> None:
-        save_lora(unet, run_dir / "last_good")
-        raise SystemExit(f"error: {message}; the last good LoRA is in {run_dir / 'last_good'}")
-
-    run_evaluation(0)
-    nonfinite_in_a_row = 0
-    for step in range(1, args.train_steps + 1):
+    if start_step == 0:
+        run_evaluation(0)
+    nonfinite_in_a_row = skipped_steps = 0
+    for step in range(start_step + 1, args.train_steps + 1):
         unet.train()
         start = time.perf_counter()
-        rewards, kls, losses, finite = [], [], [], True
-        for _ in range(args.grad_accum):
-            prompts = prompt_rng.choices(train_prompts, k=args.batch_size)
-            latents, noises = draw_chain_noise(latent_shape, len(schedule), noise_generator, device)
-            with autocast:
-                embeds = encode_prompts(tokenizer, text_encoder, prompts)
-                final, kl = sample_chain(unet, latents, noises, schedule, embeds, w_embedding, args.beta,
-                                         checkpoint=args.gradient_checkpointing)
-                if args.checkpoint_decode:
-                    reward = torch.utils.checkpoint.checkpoint(lambda z: reward_fn(decode(vae, z), prompts), final,
-                                                               use_reentrant=False)
-                else:
-                    reward = reward_fn(decode(vae, final), prompts)
-                loss = rocm_loss(reward.float(), kl, args.beta)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            grad_scaler.scale(loss / args.grad_accum).backward()
-            rewards.append(reward.detach())
-            kls.append(kl.detach())
-            losses.append(loss.detach())
-        if finite:
-            grad_scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-            finite = bool(torch.isfinite(grad_norm))
-        if finite:
+        rewards, kls, nonfinite = [], [], False
+        try:
+            for micro in range(args.grad_accum):
+                prompts, latents, noises = micro_batch(args, train_prompts, step, micro, rank, world_size,
+                                                       latent_shape, len(schedule), device)
+                # ranks all-reduce gradients only in the last micro-batch's backward
+                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 or world_size == 1 \
+                    else objective.no_sync()
+                with sync:
+                    with autocast:
+                        loss, reward, kl = objective(prompts, latents, noises, w_embedding)
+                    # a non-finite loss still runs backward, so every rank joins the same all-reduce;
+                    # its non-finite gradient then makes all ranks skip the update together
+                    nonfinite |= not torch.isfinite(loss).item()
+                    grad_scaler.scale(loss / args.grad_accum).backward()
+                rewards.append(reward.detach())
+                kls.append(kl.detach())
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: out of memory at step {step}; lower --batch-size (raise --grad-accum to keep "
+                             "the effective batch), keep --gradient-checkpointing, add --checkpoint-decode, "
+                             "or lower --resolution")
+        grad_scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+        nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
+        if nonfinite:
+            nonfinite_in_a_row += 1
+            skipped_steps += 1
+            grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
+            if is_main:
+                print(f"warning: step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+                log({"train/skipped_steps": skipped_steps}, step)
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                if is_main:  # the skipped updates left the weights at their last good values
+                    save_checkpoint(run_dir, step, unet, optimizer, grad_scaler, args.checkpoint_limit)
+                raise SystemExit(f"error: {nonfinite_in_a_row} non-finite steps in a row at step {step}; the last good "
+                                 f"weights are in {run_dir / 'checkpoints'}; lower --lr or use --mixed-precision "
+                                 "bf16/no and continue with --resume")
+        else:
             grad_scaler.step(optimizer)
             grad_scaler.update()
             nonfinite_in_a_row = 0
-        else:
-            nonfinite_in_a_row += 1
-            print(f"warning: step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                optimizer.zero_grad(set_to_none=True)
-                checkpoint_and_stop(f"{nonfinite_in_a_row} non-finite steps in a row at step {step}; "
-                                    "lower --lr or use --mixed-precision bf16/no")
         optimizer.zero_grad(set_to_none=True)
         step_time = time.perf_counter() - start
 
-        if finite and step % args.log_every == 0:
-            reward_mean, kl_mean = torch.cat(rewards).mean().item(), torch.cat(kls).mean().item()
-            samples_per_s = args.batch_size * args.grad_accum / step_time
-            metrics = {"train/reward": reward_mean, "train/kl": kl_mean, "train/divergence": kl_mean,
-                       "train/loss": torch.stack(losses).mean().item(), "train/grad_norm": grad_norm.item(),
-                       "perf/step_time_s": step_time, "perf/samples_per_s": samples_per_s}
-            print(f"step {step}/{args.train_steps} reward {reward_mean:.4f} kl {kl_mean:.4f} "
-                  f"loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s")
-            log(metrics, step)
+        if not nonfinite and step % args.log_every == 0:
+            reward_mean, kl_mean = global_mean(torch.cat(rewards), world_size), global_mean(torch.cat(kls), world_size)
+            samples_per_s = args.batch_size * args.grad_accum * world_size / step_time
+            loss_mean = -reward_mean + args.beta * kl_mean
+            if is_main:
+                print(f"step {step}/{args.train_steps} reward {reward_mean:.4f} kl {kl_mean:.4f} "
+                      f"loss {loss_mean:.4f} | {samples_per_s:.2f} samples/s")
+                log({"train/reward": reward_mean, "train/kl": kl_mean, "train/divergence": kl_mean,
+                     "train/loss": loss_mean, "train/grad_norm": grad_norm.item(), "perf/step_time_s": step_time,
+                     "perf/samples_per_s": samples_per_s}, step)
         if args.save_every and step % args.save_every == 0:
-            save_lora(unet, run_dir / f"step_{step:06d}")
+            if is_main:
+                save_checkpoint(run_dir, step, unet, optimizer, grad_scaler, args.checkpoint_limit)
+            if world_size > 1:
+                dist.barrier()
         if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
             run_evaluation(step)
 
-    if args.train_steps:
+    if world_size > 1:
+        check_ranks_in_sync(lora_params)
+        if is_main:
+            print(f"LoRA weights identical on all {world_size} ranks")
+    if args.train_steps > start_step:
         run_evaluation(args.train_steps)
-    save_lora(unet, run_dir / "final")
-    print(f"saved LoRA to {run_dir / 'final'}")
-    if args.track:
-        wandb.finish()
+    if is_main:
+        save_lora(unet, run_dir / "final")
+        print(f"saved LoRA to {run_dir / 'final'}")
+        if args.track:
+            wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

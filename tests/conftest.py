@@ -42,3 +42,9 @@ def tiny_args(tiny, reward: str = "aesthetic", steps: int = 2) -> list[str]:
             "--eval-rewards", f"clipscore={tiny['clip']}", "--prompts-file", str(tiny["prompts"]),
             "--eval-prompts-file", str(tiny["prompts"]), "--resolution", "32", "--num-inference-steps", "4",
             "--train-steps", str(steps), "--eval-every", "0", "--batch-size", "2"]
+
+
+def run_dir_of(output: str) -> Path:
+    """The run directory a script announces on stdout ("run directory: DIR")."""
+    return Path(next(line.split(": ", 1)[1].split(" (")[0] for line in output.splitlines()
+                     if line.startswith("run directory: ")))

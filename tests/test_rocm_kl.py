@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rocm_kl
-from tests.conftest import tiny_args
+from tests.conftest import run_dir_of, tiny_args
 
 PROMPTS = ["a cat", "a red apple on a table"]
 
@@ -109,10 +109,6 @@ def lora_delta_norm(lora_dir: Path) -> float:
     return total ** 0.5
 
 
-def run_dir_of(output: str) -> Path:
-    return Path(next(line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("run directory: ")))
-
-
 def test_end_to_end_run_saves_a_lora_that_changes_the_pipeline(tiny, run_script):
     from diffusers import LatentConsistencyModelPipeline
 
@@ -126,7 +122,7 @@ def test_end_to_end_run_saves_a_lora_that_changes_the_pipeline(tiny, run_script)
     assert all("perf/samples_per_s" in m and "train/kl" in m for m in train)
     assert train[0]["train/kl"] == 0.0 and train[-1]["train/kl"] > 0
     assert [m["step"] for m in metrics if "eval/clipscore" in m] == [0, 2, 3]
-    assert (run_dir / "samples" / "step_000003.png").exists() and (run_dir / "step_000002").is_dir()
+    assert (run_dir / "samples" / "step_000003.png").exists() and (run_dir / "checkpoints" / "step_000002" / "training_state.pt").is_file()
     assert "samples/s" in result.stdout
 
     pipe = LatentConsistencyModelPipeline.from_pretrained(tiny["lcm"])
