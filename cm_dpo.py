@@ -1,0 +1,1062 @@
+"""CM-DPO: direct preference optimization of a latent consistency model on its sampling chains.
+
+Seed: "Aligning Consistency Models by Preference Optimization" (no public code or results; this is
+the first implementation). A latent consistency model samples in K steps; every step but the last
+is a Gaussian policy p_k(x_{k-1} | x_k, c) = N(a_k f_theta(x_k), s_k^2 I), with a_k, s_k the
+alpha, sigma of the next timestep t'. A trajectory's log-likelihood ratio against the reference
+(the same UNet with its LoRA adapters disabled) is a sum of per-step terms
+
+    log p_theta(x_{k-1} | x_k) - log p_ref(x_{k-1} | x_k)
+        = w_k / 2 * (||x_{k-1} - a_k f_ref(x_k)||^2 - ||x_{k-1} - a_k f_theta(x_k)||^2),
+    w_k = 1 / max(s_k^2, eps^2)   (the seed's weighting: the step's precision, floored),
+
+summed over all latent dimensions (the exact log-density ratio, so beta is DPO's beta: the weight
+of an implicit trajectory KL penalty; at 512 px there are 16,384 latent dimensions per step, so
+beta is small). DPO on a winner chain w and a loser chain l of the same prompt minimizes
+
+    L_DPO = -log sigmoid(beta * sum_k [logratio_k(w) - logratio_k(l)])
+    L     = L_DPO + con_weight * L_con (+ multiplier * ||f_theta - f_ref||^2 on the last step, --last-step constrain)
+
+The sign problem (DESIGN.md section 4): the seed writes each log-ratio as its expectation, the
+divergence w_k / 2 * ||a_k (f_theta - f_ref)||^2 >= 0, which makes L_DPO push the WINNER away from
+the reference (and has exactly zero gradient at the start, where f_theta = f_ref). That literal form
+is kept as --dpo-form seed for comparison; the default --dpo-form logratio is the consistent one.
+
+The last step returns f(x_1) without noise, so its log-ratio is undefined: --last-step drop leaves it
+out, smooth (default) gives it the floor variance eps^2, constrain leaves it out of L_DPO and adds
+multiplier * mean((f_theta(x_1) - f_ref(x_1))^2), the multiplier fixed or raised by dual ascent.
+
+Pairs:
+  online  (default) every prompt is sampled --samples-per-prompt times from the current policy; the
+          real chains are kept, the best and worst sample by --reward are winner and loser, pairs
+          with a reward gap below --reward-margin (or a tie) are left out of L_DPO.
+  offline a JSONL file of {"prompt", "winner", "loser"} image paths; images are VAE-encoded and the
+          unknown chain approximated (--offline-chain): forward (x_k = alpha x_0 + sigma z_k, what an
+          ideal consistency model predicting the final image at every step would sample) or
+          renoise (x_K forward-noised, then x_{k-1} = a_k f_ref(x_k) + s_k z_k, the reference's own
+          moves; they carry the preference only through x_K and the last step).
+L_con, the consistency-training loss: d(f_theta(x_{t_{n+1}}), stopgrad f_target(x_{t_n})) on pairs of
+adjacent timesteps of the LCM's 50-step training grid, forward-noised from the batch's final
+latents with shared noise; target the reference or an EMA of the LoRA; d squared error or pseudo-Huber.
+
+This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact with diffusers'
+LatentConsistencyModelPipeline), pair construction, losses, training, evaluation, logging, saving.
+
+Run (GPU, real model):
+    python cm_dpo.py --reward pickscore --beta 0.1 --train-steps 2000 --track
+    python cm_dpo.py --pairs offline --pairs-file pairs.jsonl --beta 0.1 --train-steps 2000 --track
+Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
+    python cm_dpo.py --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
+        --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --num-inference-steps 4 --batch-size 2 \
+        --device cpu --mixed-precision no
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.utils.checkpoint
+import tyro
+
+from common import REWARDS, load_reward
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+# iCT's pseudo-Huber constant c = 0.00054 * sqrt(dims), here applied to the root-mean-square error
+HUBER_C = 0.00054
+
+
+@dataclass
+class Args:
+    # general
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (run directory and wandb run name)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the sampling noise"""
+    device: str = "cuda"
+    """torch device to train on"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """autocast dtype; frozen weights are stored in it, LoRA weights stay fp32"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "cm-alignment"
+    """wandb project name"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+    output_dir: str = "runs"
+    """where run directories (LoRA weights, sample grids, metrics) are written"""
+    log_every: int = 1
+    """print and log training metrics every this many optimizer steps"""
+    eval_every: int = 100
+    """evaluate on held-out prompts every this many optimizer steps (0: only at the start and end)"""
+    save_every: int = 0
+    """save a resumable checkpoint (LoRA + optimizer state) every this many optimizer steps (0: never)"""
+    checkpoint_limit: int = 3
+    """keep at most this many checkpoints (the oldest are deleted)"""
+    resume: Optional[str] = None
+    """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
+
+    # model
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the paper trains at 512)"""
+    num_inference_steps: int = 8
+    """K, the number of LCM sampling steps"""
+    guidance_scale: float = 8.5
+    """LCM guidance scale; the UNet is conditioned on w = guidance_scale - 1 (omega 7.5 in the paper)"""
+    lora_rank: int = 16
+    """LoRA rank on the UNet attention projections"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale alpha / rank)"""
+    gradient_checkpointing: bool = True
+    """recompute each UNet call in the backward pass instead of storing its activations"""
+
+    # algorithm
+    pairs: Literal["online", "offline"] = "online"
+    """where preference pairs come from: sampled from the current policy and ranked by --reward, or --pairs-file"""
+    pairs_file: Optional[str] = None
+    """offline pairs: JSONL, one {"prompt": ..., "winner": IMAGE, "loser": IMAGE} per line (paths relative to the file)"""
+    offline_chain: Literal["forward", "renoise"] = "forward"
+    """offline pairs: chain through the images' latents by forward noising, or by re-noising the reference's steps"""
+    reward: str = "pickscore"
+    """online pairs: reward that ranks the samples, NAME or NAME=PATH; any reward of common.py (no gradient is taken)"""
+    samples_per_prompt: int = 2
+    """online pairs: samples per prompt; the best and the worst form the pair"""
+    reward_margin: float = 0.0
+    """online pairs: leave pairs whose reward gap is below this out of L_DPO (ties always are)"""
+    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
+    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
+    prompts_file: Optional[str] = None
+    """online pairs: training prompts, one per line (default: the repo's prompts/train.txt)"""
+    eval_prompts_file: Optional[str] = None
+    """held-out evaluation prompts, one per line (default: the repo's prompts/eval.txt)"""
+    beta: float = 0.1
+    """DPO temperature on the trajectory log-ratio (summed over latent dimensions and steps, so small)"""
+    dpo_form: Literal["logratio", "seed"] = "logratio"
+    """per-step term: the exact log-ratio, or the seed's literal divergence from the reference (pushes winners away)"""
+    eps: float = 0.1
+    """floor on the std in w_k = 1 / max(s_k^2, eps^2); the deterministic last step gets eps (t=19 has sigma 0.13)"""
+    last_step: Literal["drop", "smooth", "constrain"] = "smooth"
+    """deterministic last step: leave out, Gaussian with std --eps, or penalize mean((f_theta - f_ref)^2) there"""
+    last_step_multiplier: float = 1.0
+    """--last-step constrain: weight of the penalty (its starting value under dual ascent)"""
+    dual_lr: float = 0.0
+    """--last-step constrain: dual ascent rate, multiplier += dual_lr * (gap - budget) per step (0: fixed multiplier)"""
+    last_step_budget: float = 1e-4
+    """--last-step constrain with --dual-lr > 0: the allowed mean((f_theta - f_ref)^2) on the last step"""
+    con_weight: float = 1.0
+    """lambda, the weight of the consistency loss L_con (0: off)"""
+    con_target: Literal["reference", "ema"] = "reference"
+    """stop-gradient target of L_con: the base model, or an exponential moving average of the LoRA"""
+    con_loss: Literal["l2", "huber"] = "l2"
+    """L_con distance: mean squared error, or iCT's pseudo-Huber on the root-mean-square error"""
+    ema_decay: float = 0.99
+    """--con-target ema: decay of the moving average, updated after every optimizer step"""
+    train_steps: int = 1000
+    """number of optimizer steps"""
+    batch_size: int = 4
+    """preference pairs per micro-batch"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 6e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (global L2 norm)"""
+    eval_batch_size: int = 8
+    """images per batch during evaluation"""
+    max_nonfinite_steps: int = 10
+    """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
+    """Load tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
+        scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
+    except Exception as error:  # hub and file errors come in many types; all mean the same here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({reason}); "
+                         "pass --model a local pipeline directory or a reachable hub id")
+    if unet.config.time_cond_proj_dim is None:
+        raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(device)
+    return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
+
+
+def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
+    """LoRA on the attention projections (B initialised to zero, so the policy starts at the base)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for param in lora_params:  # trainable weights stay fp32 under autocast
+        param.data = param.data.float()
+    return lora_params
+
+
+def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
+    """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it).
+
+    Written to a temporary directory and renamed, so an interrupted save never leaves a
+    half-written directory in place of a good one. training_state, if given, is saved beside it.
+    """
+    from diffusers import LatentConsistencyModelPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LatentConsistencyModelPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=state,
+                                                     safe_serialization=True)
+    if training_state is not None:
+        torch.save(training_state, tmp / "training_state.pt")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
+    return prompts
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """The offline pairs: [{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory.
+
+    Every line is checked before anything is loaded, so a bad line stops the run with its number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: --pairs-file '{path}' does not exist; pass a JSONL file of prompt/winner/loser")
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"error: --pairs-file '{path}' line {number} is not valid JSON ({error.msg}); "
+                             'write one {"prompt": ..., "winner": ..., "loser": ...} object per line')
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "winner", "loser")):
+            raise SystemExit(f"error: --pairs-file '{path}' line {number} needs string fields prompt, winner and loser")
+        for key in ("winner", "loser"):
+            image = path.parent / record[key]
+            if not image.is_file():
+                raise SystemExit(f"error: --pairs-file '{path}' line {number}: {key} image '{image}' does not exist; "
+                                 "fix the path (relative paths start at the JSONL file's directory)")
+            record[key] = str(image)
+        pairs.append({"prompt": record["prompt"], "winner": record["winner"], "loser": record["loser"], "line": number})
+    if not pairs:
+        raise SystemExit(f"error: --pairs-file '{path}' has no pairs; write one JSON object per line")
+    return pairs
+
+
+def load_image(path: str, resolution: int, line: int) -> torch.Tensor:
+    """An RGB image, short side resized to resolution and center-cropped, as (3, H, W) in [-1, 1]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except Exception as error:  # PIL raises several types for unreadable files
+        raise SystemExit(f"error: pairs file line {line}: cannot read image '{path}' ({error}); fix or remove the line")
+    scale = resolution / min(image.size)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.BICUBIC)
+    left, top = (width - resolution) // 2, (height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1)
+
+
+def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
+    """'name' or 'name=path' -> a frozen reward module (see common.load_reward)."""
+    name, _, path = spec.partition("=")
+    if name not in REWARDS:
+        raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
+    return load_reward(name, path or None, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The LCM sampling chain
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
+    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
+    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w.float()[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(device)
+
+
+@dataclass
+class ChainStep:
+    """Coefficients of one LCM step at timestep t; *_next describe the noise added towards t'.
+
+    The coefficients are scalars on the sampling chain and (B, 1, 1, 1) tensors (t of shape (B,))
+    where every sample has its own timestep (the consistency loss).
+    """
+
+    t: torch.Tensor
+    alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
+    sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    alpha_next: Optional[torch.Tensor] = None  # None on the last, deterministic step
+    sigma_next: Optional[torch.Tensor] = None
+
+
+def timestep_coefficients(scheduler, t: torch.Tensor) -> dict:
+    """alpha, sigma and the boundary-condition scalings c_skip, c_out at timesteps t, as LCMScheduler.step has them."""
+    scaled = t.cpu() * scheduler.config.timestep_scaling
+    sigma_data = 0.5
+    alpha_prod = scheduler.alphas_cumprod[t.cpu()]
+    return dict(alpha=alpha_prod.sqrt(), sigma=(1 - alpha_prod).sqrt(), c_skip=sigma_data**2 / (scaled**2 + sigma_data**2),
+                c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5)
+
+
+def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
+    """The scheduler's timesteps and boundary-condition scalings for a K-step chain."""
+    scheduler.set_timesteps(num_steps, device=device)
+    timesteps = scheduler.timesteps
+    steps = []
+    for i, t in enumerate(timesteps):
+        step = dict(t=t, **timestep_coefficients(scheduler, t))
+        if i + 1 < len(timesteps):
+            following = timestep_coefficients(scheduler, timesteps[i + 1])
+            step.update(alpha_next=following["alpha"], sigma_next=following["sigma"])
+        steps.append(ChainStep(**{k: v.to(device) for k, v in step.items()}))
+    return steps
+
+
+def per_sample_step(scheduler, t: torch.Tensor, device) -> ChainStep:
+    """A ChainStep whose coefficients differ per sample: t (B,) -> coefficients (B, 1, 1, 1)."""
+    coefficients = {k: v.view(-1, 1, 1, 1).to(device) for k, v in timestep_coefficients(scheduler, t).items()}
+    return ChainStep(t=t.to(device), **coefficients)
+
+
+def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
+    x0_hat = (x - step.sigma * eps) / step.alpha
+    return step.c_out * x0_hat + step.c_skip * x
+
+
+@torch.no_grad()
+def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f_ref(x_t): the same UNet with its LoRA adapters disabled (never a copy of the model)."""
+    unet.disable_adapters()
+    try:
+        return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
+    finally:
+        unet.enable_adapters()
+
+
+def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
+    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
+    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
+    return latents, noises
+
+
+@torch.no_grad()
+def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding) -> list[torch.Tensor]:
+    """Run the K-step chain; return its states [x_K, ..., x_1, x_0]: schedule[i] maps states[i] to states[i + 1]."""
+    states = [latents]
+    for k, step in enumerate(schedule):
+        denoised = consistency_fn(unet, states[-1], step, prompt_embeds, w_embedding)
+        states.append(denoised if step.alpha_next is None else step.alpha_next * denoised + step.sigma_next * noises[k])
+    return states
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> latents; the posterior mean, so cached latents and resumed runs are deterministic."""
+    return vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+# --------------------------------------------------------------------------------------------
+# The CM-DPO loss
+# --------------------------------------------------------------------------------------------
+
+def transition(step: ChainStep) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(a, s^2): mean scale and variance of p(x_{k-1} | x_k) = N(a f(x_k), s^2 I); the last step is (1, 0)."""
+    if step.alpha_next is None:
+        return 1.0, 0.0
+    return step.alpha_next, step.sigma_next**2
+
+
+def step_weight(variance, eps: float) -> torch.Tensor:
+    """The seed's w_k = 1 / max(s_k^2, eps^2): the step's precision, floored so the deterministic last step is usable."""
+    return 1.0 / torch.clamp(torch.as_tensor(variance, dtype=torch.float32), min=eps**2)
+
+
+def step_log_ratio(target: torch.Tensor, mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
+    """log N(target; mean_policy, 1/weight) - log N(target; mean_ref, 1/weight), summed over each sample's dimensions.
+
+    Written as <mean_policy - mean_ref, 2 target - mean_policy - mean_ref> * weight / 2, the difference of
+    the two squared distances without their cancellation: exactly zero while the policy is the reference.
+    """
+    mean_policy, mean_ref = mean_policy.float(), mean_ref.float()
+    product = (mean_policy - mean_ref) * (2 * target.float() - mean_policy - mean_ref)
+    return weight * product.flatten(1).sum(1) / 2
+
+
+def step_divergence(mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
+    """weight / 2 * ||mean_policy - mean_ref||^2: the KL of the step's Gaussians, the seed's per-step term."""
+    return weight * (mean_policy.float() - mean_ref.float()).square().flatten(1).sum(1) / 2
+
+
+def dpo_loss(winner: torch.Tensor, loser: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: (-log sigmoid(margin), margin) with margin = beta * (winner - loser), the implicit reward margin."""
+    margin = beta * (winner - loser)
+    return F.softplus(-margin), margin
+
+
+def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per sample: mean squared error, or pseudo-Huber sqrt(mse + c^2) - c (iCT's, scaled to the RMS error)."""
+    mse = (prediction.float() - target.float()).square().flatten(1).mean(1)
+    return mse if kind == "l2" else (mse + HUBER_C**2).sqrt() - HUBER_C
+
+
+def consistency_grid(scheduler) -> torch.Tensor:
+    """The timesteps the LCM was distilled on: [k-1, 2k-1, ..., T-1], k = T / original_inference_steps (19 ... 999)."""
+    skip = scheduler.config.num_train_timesteps // scheduler.config.original_inference_steps
+    return torch.arange(1, scheduler.config.original_inference_steps + 1) * skip - 1
+
+
+@contextlib.contextmanager
+def weights_replaced(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily load other values (the EMA) into the LoRA weights."""
+    with torch.no_grad():
+        backup = [p.detach().clone() for p in params]
+        for param, value in zip(params, values):
+            param.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, backup):
+                param.copy_(value)
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of preference pairs: b prompts; each state holds the b winners, then the b losers."""
+
+    prompts: list[str]
+    embeds: torch.Tensor  # (2b, tokens, dim), winners then losers
+    states: list[torch.Tensor]  # K + 1 tensors (2b, C, H, W): x_K, ..., x_1, x_0
+    keep: torch.Tensor  # (b,) float: 1 for pairs that enter L_DPO
+    con_t: torch.Tensor  # (2b,) index n into the consistency grid: L_con compares t_{n+1} with t_n
+    con_noise: torch.Tensor  # (2b, C, H, W) noise shared by both timesteps
+    rewards: Optional[torch.Tensor] = None  # online: (b * samples_per_prompt,) every sample's reward
+    gaps: Optional[torch.Tensor] = None  # online: (b,) winner minus loser reward
+
+
+class CmDpoObjective(torch.nn.Module):
+    """The loss of one micro-batch of pairs as a single forward: K policy and reference passes, L_con.
+
+    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward
+    per backward it expects, although it calls the UNet several times before the single backward.
+    """
+
+    def __init__(self, args: Args, unet, scheduler, schedule: list[ChainStep], lora_params, ema: Optional[list]):
+        super().__init__()
+        self.args, self.unet, self.scheduler, self.schedule = args, unet, scheduler, schedule
+        self.lora_params, self.ema = lora_params, ema
+        self.grid = consistency_grid(scheduler)
+
+    def policy(self, x, step: ChainStep, embeds, w_embedding):
+        if self.args.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(consistency_fn, self.unet, x, step, embeds, w_embedding,
+                                                     use_reentrant=False)
+        return consistency_fn(self.unet, x, step, embeds, w_embedding)
+
+    def trajectory_terms(self, batch: PairBatch, w_embedding) -> dict:
+        """Per chain (2b,): the summed per-step DPO terms, the KL of the stochastic steps, the last-step gap."""
+        args = self.args
+        zeros = batch.states[0].new_zeros(batch.states[0].shape[0], dtype=torch.float32)
+        total, kl, last_gap = zeros, zeros, zeros
+        for i, step in enumerate(self.schedule):
+            last = step.alpha_next is None
+            if last and args.last_step == "drop":
+                break
+            f_policy = self.policy(batch.states[i], step, batch.embeds, w_embedding)
+            f_ref = reference_fn(self.unet, batch.states[i], step, batch.embeds, w_embedding)
+            if last and args.last_step == "constrain":
+                last_gap = (f_policy.float() - f_ref.float()).square().flatten(1).mean(1)
+                break
+            a, variance = transition(step)
+            weight = step_weight(variance, args.eps).to(zeros.device)
+            if args.dpo_form == "logratio":
+                total = total + step_log_ratio(batch.states[i + 1], a * f_policy, a * f_ref, weight)
+            else:
+                total = total + step_divergence(a * f_policy, a * f_ref, weight)
+            if not last:
+                kl = kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
+        return {"total": total, "kl": kl, "last_gap": last_gap}
+
+    def consistency_term(self, batch: PairBatch, w_embedding) -> torch.Tensor:
+        """L_con per sample on the batch's final latents, noised to adjacent grid timesteps t_{n+1} > t_n, same z."""
+        clean, device = batch.states[-1], batch.states[-1].device
+        low = per_sample_step(self.scheduler, self.grid[batch.con_t], device)
+        high = per_sample_step(self.scheduler, self.grid[batch.con_t + 1], device)
+        return self.consistency_gap(high.alpha * clean + high.sigma * batch.con_noise, high,
+                                    low.alpha * clean + low.sigma * batch.con_noise, low, batch.embeds, w_embedding)
+
+    def consistency_gap(self, x_high, high: ChainStep, x_low, low: ChainStep, embeds, w_embedding) -> torch.Tensor:
+        """d(f_theta(x_high), stopgrad f_target(x_low)) per sample, the target being the reference or the EMA."""
+        if self.args.con_target == "reference":
+            target = reference_fn(self.unet, x_low, low, embeds, w_embedding)
+        else:
+            with torch.no_grad(), weights_replaced(self.lora_params, self.ema):
+                target = consistency_fn(self.unet, x_low, low, embeds, w_embedding)
+        return consistency_loss(self.policy(x_high, high, embeds, w_embedding), target, self.args.con_loss)
+
+    def forward(self, batch: PairBatch, w_embedding, multiplier: float):
+        """Returns (loss, per-pair / per-chain statistics, detached)."""
+        args = self.args
+        # the EMA target first: it swaps weights in place, which must happen before the graph saves them
+        con = self.consistency_term(batch, w_embedding) if args.con_weight > 0 else None
+        terms = self.trajectory_terms(batch, w_embedding)
+        winner, loser = terms["total"].chunk(2)
+        pair_loss, margin = dpo_loss(winner, loser, args.beta)
+        # skipped pairs weigh zero but still count in the mean: the step does not grow when few survive
+        loss = (pair_loss * batch.keep).mean()
+        if con is not None:
+            loss = loss + args.con_weight * con.mean()
+        if args.last_step == "constrain":
+            loss = loss + multiplier * terms["last_gap"].mean()
+        kept = batch.keep.bool()
+        stats = {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept], "margin": margin.detach()[kept],
+                 "kl": terms["kl"].detach(), "loss_con": con.detach() if con is not None else None,
+                 "last_gap": terms["last_gap"].detach() if args.last_step == "constrain" else None}
+        return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs, ranks and checkpoints
+# --------------------------------------------------------------------------------------------
+
+def derived_seed(*keys: int) -> int:
+    """A seed derived from (seed, step, micro-batch[, pair, use]). Stateless: runs resume exactly, ranks differ."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def micro_batch_items(args: Args, num_items: int, step: int, micro: int, rank: int, world_size: int) -> list[tuple]:
+    """This rank's slice of the global micro-batch: (global pair index, item index) for prompts or offline pairs.
+
+    Everything random about a pair is drawn from seeds of its global index, so N ranks with batch b
+    see exactly the pairs one process with batch N*b sees.
+    """
+    chosen = random.Random(derived_seed(args.seed, step, micro)).choices(range(num_items), k=args.batch_size * world_size)
+    return [(i, chosen[i]) for i in range(rank * args.batch_size, (rank + 1) * args.batch_size)]
+
+
+def pair_generator(args: Args, step: int, micro: int, index: int, use: int, device) -> torch.Generator:
+    """use 0: the pair's chain noise; use 1: its L_con timesteps and noise."""
+    return torch.Generator(device=device).manual_seed(derived_seed(args.seed, step, micro, index, use))
+
+
+def consistency_draws(args: Args, step: int, micro: int, indices: list[int], grid_size: int, latent_shape, device):
+    """Per pair, the winner's and the loser's L_con grid index and shared noise, arranged winners then losers."""
+    draws = []
+    for i in indices:
+        generator = pair_generator(args, step, micro, i, 1, device)
+        t = torch.randint(0, grid_size - 1, (2,), generator=generator, device=generator.device).cpu()
+        noise = torch.randn((2, *latent_shape), generator=generator, device=generator.device).to(device)
+        draws.append((t, noise))
+    t = torch.cat([torch.stack([d[0][j] for d in draws]) for j in (0, 1)])
+    noise = torch.cat([torch.stack([d[1][j] for d in draws]) for j in (0, 1)])
+    return t, noise
+
+
+@torch.no_grad()
+def online_pairs(args: Args, models, reward_fn, schedule, prompts: list[str], step: int, micro: int, rank: int,
+                 world_size: int, latent_shape, w_row, grid_size: int, device, autocast) -> PairBatch:
+    """Sample every prompt --samples-per-prompt times from the current policy; best and worst become a pair."""
+    tokenizer, text_encoder, vae, unet = models
+    items = micro_batch_items(args, len(prompts), step, micro, rank, world_size)
+    chosen = [prompts[j] for _, j in items]
+    n = args.samples_per_prompt
+    draws = [draw_chain_noise((n, *latent_shape), len(schedule), pair_generator(args, step, micro, i, 0, device), device)
+             for i, _ in items]
+    latents = torch.cat([latent for latent, _ in draws])  # pair-major: pair 0's n samples, pair 1's, ...
+    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+    sample_prompts = [prompt for prompt in chosen for _ in range(n)]
+    with autocast:
+        embeds = encode_prompts(tokenizer, text_encoder, chosen)
+        states = sample_trajectory(unet, latents, noises, schedule, embeds.repeat_interleave(n, 0),
+                                   w_row.expand(len(sample_prompts), -1))
+        rewards = reward_fn(decode(vae, states[-1]), sample_prompts).float()
+    grouped = rewards.view(len(chosen), n)
+    rows = torch.arange(len(chosen), device=rewards.device) * n
+    best, worst = rows + grouped.argmax(1), rows + grouped.argmin(1)
+    gaps = grouped.max(1).values - grouped.min(1).values
+    keep = ((gaps > 0) & (gaps >= args.reward_margin)).float().to(device)
+    order = torch.cat([best, worst]).to(device)
+    con_t, con_noise = consistency_draws(args, step, micro, [i for i, _ in items], grid_size, latent_shape, device)
+    return PairBatch(prompts=chosen, embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep,
+                     con_t=con_t, con_noise=con_noise, rewards=rewards, gaps=gaps)
+
+
+class OfflinePairs:
+    """The --pairs-file pairs; each image is VAE-encoded once and its latent kept (on the CPU)."""
+
+    def __init__(self, args: Args, records: list[dict]):
+        self.args, self.records, self.latents = args, records, {}
+
+    def latent(self, vae, path: str, line: int) -> torch.Tensor:
+        if path not in self.latents:
+            image = load_image(path, self.args.resolution, line)[None]
+            self.latents[path] = encode_images(vae, image)[0].float().cpu()
+        return self.latents[path]
+
+    @torch.no_grad()
+    def batch(self, models, schedule, step: int, micro: int, rank: int, world_size: int, latent_shape, w_row,
+              grid_size: int, device, autocast) -> PairBatch:
+        """Encode this rank's pairs and build their approximate chains (--offline-chain), noise shared by each pair."""
+        tokenizer, text_encoder, vae, unet = models
+        items = micro_batch_items(self.args, len(self.records), step, micro, rank, world_size)
+        records = [self.records[j] for _, j in items]
+        clean = torch.stack([self.latent(vae, r[key], r["line"]) for key in ("winner", "loser") for r in records])
+        clean = clean.to(device)
+        noise = [torch.randn((len(schedule), *latent_shape), device=device,
+                             generator=pair_generator(self.args, step, micro, i, 0, device)) for i, _ in items]
+        noise = torch.stack(noise + noise, dim=1)  # (K, 2b, ...): the winner and loser of a pair share it
+        prompts = [r["prompt"] for r in records]
+        with autocast:
+            embeds = encode_prompts(tokenizer, text_encoder, prompts)
+        embeds = torch.cat([embeds, embeds])
+        states = []
+        for i, chain_step in enumerate(schedule):
+            if self.args.offline_chain == "forward" or i == 0:
+                states.append(chain_step.alpha * clean + chain_step.sigma * noise[i])
+            else:
+                previous = schedule[i - 1]
+                with autocast:
+                    reference = reference_fn(unet, states[-1], previous, embeds, w_row.expand(len(embeds), -1))
+                states.append(previous.alpha_next * reference.float() + previous.sigma_next * noise[i])
+        states.append(clean)
+        con_t, con_noise = consistency_draws(self.args, step, micro, [i for i, _ in items], grid_size, latent_shape,
+                                             device)
+        return PairBatch(prompts=prompts, embeds=embeds, states=states, keep=torch.ones(len(records), device=device),
+                         con_t=con_t, con_noise=con_noise)
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun's environment variables switch on the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_name.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device(device_name), "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, device
+
+
+def global_mean(values: torch.Tensor, world_size: int) -> float:
+    """Mean over every rank's values (nan where there are none, e.g. every online pair was a tie)."""
+    total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def any_rank(flag: bool, device, world_size: int) -> bool:
+    if world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
+    """Fail loudly if the ranks' LoRA weights drifted apart (they cannot when gradients are synchronized)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
+
+
+def save_checkpoint(run_dir: Path, step: int, unet, optimizer, grad_scaler, limit: int, ema, multiplier: float) -> None:
+    """checkpoints/step_N: the LoRA (diffusers format) and what resuming needs; keeps the newest `limit`."""
+    trainable = {name: p.detach().cpu() for name, p in unet.named_parameters() if p.requires_grad}
+    save_lora(unet, run_dir / "checkpoints" / f"step_{step:06d}",
+              training_state={"step": step, "lora": trainable, "optimizer": optimizer.state_dict(),
+                              "grad_scaler": grad_scaler.state_dict(), "multiplier": multiplier,
+                              "ema": [e.cpu() for e in ema] if ema is not None else None})
+    for stale in sorted((run_dir / "checkpoints").glob("step_[0-9]*[0-9]"))[:-limit]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one inside a run directory."""
+    if (path / "training_state.pt").is_file():
+        return path
+    candidates = sorted(c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]") if (c / "training_state.pt").is_file())
+    if not candidates:
+        raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
+                         "or one of its checkpoints/step_N directories")
+    return candidates[-1]
+
+
+def load_checkpoint(checkpoint: Path, unet, optimizer, grad_scaler, ema) -> tuple[int, Optional[float]]:
+    """Restores weights, optimizer, loss scale and EMA in place; returns (step, last-step multiplier)."""
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+        if ema is not None:
+            if state["ema"] is None:
+                raise SystemExit(f"error: '{checkpoint}' was trained without --con-target ema; resume with the same flags")
+            for average, value in zip(ema, state["ema"]):
+                average.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    grad_scaler.load_state_dict(state["grad_scaler"])
+    return state["step"], state["multiplier"]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and logging
+# --------------------------------------------------------------------------------------------
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    from PIL import Image
+
+    images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    n, _, h, w = images.shape
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    grid = torch.zeros(3, rows * h, columns * w, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+@torch.no_grad()
+def evaluate(args: Args, models, schedule, prompts: list[str], eval_rewards: dict, device, autocast):
+    """Sample the held-out prompts with a fixed seed and score them with every evaluation reward."""
+    tokenizer, text_encoder, vae, unet = models
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)
+    images, scores = [], {name: [] for name in eval_rewards}
+    for start in range(0, len(prompts), args.eval_batch_size):
+        batch = prompts[start:start + args.eval_batch_size]
+        side = args.resolution // vae_scale(vae)
+        latents, noises = draw_chain_noise((len(batch), unet.config.in_channels, side, side), len(schedule),
+                                           generator, device)
+        with autocast:
+            embeds = encode_prompts(tokenizer, text_encoder, batch)
+            w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
+            final = sample_trajectory(unet, latents, noises, schedule, embeds, w_embedding)[-1]
+            batch_images = decode(vae, final)
+        images.append(batch_images.cpu())
+        for name, reward in eval_rewards.items():
+            reward.to(device)
+            with autocast:
+                scores[name].append(reward(batch_images, batch).float().cpu())
+    return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def validate(args: Args) -> None:
+    """Reject impossible settings with a one-line message before anything is loaded."""
+    problems = [
+        (args.beta <= 0, f"--beta must be > 0 (got {args.beta})"),
+        (args.eps <= 0, f"--eps must be > 0 (got {args.eps})"),
+        (args.num_inference_steps < 1, f"--num-inference-steps must be >= 1 (got {args.num_inference_steps})"),
+        (args.num_inference_steps == 1 and args.last_step != "smooth",
+         f"--last-step {args.last_step} leaves no step to compare with --num-inference-steps 1; use --last-step smooth"),
+        (args.pairs == "offline" and not args.pairs_file,
+         "--pairs offline needs --pairs-file (JSONL of prompt, winner, loser)"),
+        (args.samples_per_prompt < 2, f"--samples-per-prompt must be >= 2 (got {args.samples_per_prompt})"),
+        (args.reward_margin < 0, f"--reward-margin must be >= 0 (got {args.reward_margin})"),
+        (args.con_weight < 0, f"--con-weight must be >= 0 (got {args.con_weight})"),
+        (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {args.ema_decay})"),
+        (args.last_step_multiplier < 0, f"--last-step-multiplier must be >= 0 (got {args.last_step_multiplier})"),
+        (args.dual_lr < 0, f"--dual-lr must be >= 0 (got {args.dual_lr})"),
+        (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),
+        (args.batch_size < 1, f"--batch-size must be >= 1 (got {args.batch_size})"),
+        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
+        (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
+        (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
+        (args.lora_rank < 1, f"--lora-rank must be >= 1 (got {args.lora_rank})"),
+        (args.resolution < 1, f"--resolution must be positive (got {args.resolution})"),
+        (args.checkpoint_limit < 1, f"--checkpoint-limit must be >= 1 (got {args.checkpoint_limit})"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"error: {message}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
+    if args.resume and not Path(args.resume).is_dir():
+        raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
+
+
+def main(args: Args) -> None:
+    validate(args)
+    online = args.pairs == "online"
+    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt") if online else None
+    offline = OfflinePairs(args, read_pairs(args.pairs_file)) if not online else None
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt")
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
+
+    reward_fn = None
+    if online:
+        try:
+            reward_fn = load_reward_spec(args.reward, device, weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            raise SystemExit(f"error: {error}")
+    eval_rewards = {}
+    for spec in args.eval_rewards if is_main else ():
+        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
+            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            print(f"warning: skipping evaluation reward: {error}")
+
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    ema = [p.detach().clone() for p in lora_params] if args.con_target == "ema" and args.con_weight > 0 else None
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    models = (tokenizer, text_encoder, vae, unet)
+    objective = CmDpoObjective(args, unet, scheduler, schedule, lora_params, ema)
+    grid_size = len(objective.grid)
+    latent_shape = (unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
+    w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, device)
+    multiplier = args.last_step_multiplier
+
+    start_step = 0
+    if args.resume:
+        checkpoint = find_checkpoint(Path(args.resume))
+        start_step, multiplier = load_checkpoint(checkpoint, unet, optimizer, grad_scaler, ema)
+        run_dir = checkpoint.parent.parent
+    else:
+        run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        print(f"run directory: {run_dir}" + (f" (resumed at step {start_step})" if args.resume else ""))
+        source = f"online, best and worst of {args.samples_per_prompt} samples per prompt" if online \
+            else f"offline, {len(offline.records)} pairs in {args.pairs_file}"
+        print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
+              f"{args.batch_size * args.grad_accum * world_size} images per optimizer step (winner-loser pairs, {source})")
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                       resume="allow")
+
+    def log(metrics: dict, step: int) -> None:
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            wandb.log(metrics, step=step)
+
+    def run_evaluation(step: int) -> None:
+        if is_main:
+            unet.eval()
+            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
+            for reward in eval_rewards.values():
+                reward.to("cpu")
+            save_image_grid(images, run_dir / "samples" / f"step_{step:06d}.png")
+            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if args.track:
+                table = wandb.Table(columns=["prompt", "image", *scores])
+                for i, prompt in enumerate(eval_prompts):
+                    table.add_data(prompt, wandb.Image(images[i].permute(1, 2, 0).numpy()),
+                                   *[values[i].item() for values in scores.values()])
+                metrics["eval/samples"] = table
+            log(metrics, step)
+        if world_size > 1:
+            dist.barrier()
+
+    def pair_batch(step: int, micro: int) -> PairBatch:
+        if online:
+            return online_pairs(args, models, reward_fn, schedule, train_prompts, step, micro, rank, world_size,
+                                latent_shape, w_row, grid_size, device, autocast)
+        return offline.batch(models, schedule, step, micro, rank, world_size, latent_shape, w_row, grid_size, device,
+                             autocast)
+
+    if start_step == 0:
+        run_evaluation(0)
+    nonfinite_in_a_row = skipped_steps = 0
+    for step in range(start_step + 1, args.train_steps + 1):
+        unet.train()
+        start = time.perf_counter()
+        stats, nonfinite = [], False
+        try:
+            for micro in range(args.grad_accum):
+                batch = pair_batch(step, micro)
+                # ranks all-reduce gradients only in the last micro-batch's backward
+                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 or world_size == 1 \
+                    else objective.no_sync()
+                with sync:
+                    with autocast:
+                        loss, micro_stats = objective(batch, w_row.expand(len(batch.embeds), -1), multiplier)
+                    # a non-finite loss still runs backward, so every rank joins the same all-reduce;
+                    # its non-finite gradient then makes all ranks skip the update together
+                    nonfinite |= not torch.isfinite(loss).item()
+                    grad_scaler.scale(loss / args.grad_accum).backward()
+                micro_stats.update(rewards=batch.rewards, gaps=batch.gaps, keep=batch.keep)
+                stats.append(micro_stats)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: out of memory at step {step}; lower --batch-size (raise --grad-accum to keep "
+                             "the effective batch), lower --samples-per-prompt, keep --gradient-checkpointing, "
+                             "or lower --resolution")
+        grad_scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+        nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
+
+        def gathered(name: str) -> float:
+            return global_mean(torch.cat([s[name] for s in stats]), world_size)
+
+        if nonfinite:
+            nonfinite_in_a_row += 1
+            skipped_steps += 1
+            grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
+            if is_main:
+                print(f"warning: step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+                log({"train/skipped_steps": skipped_steps}, step)
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                if is_main:  # the skipped updates left the weights at their last good values
+                    save_checkpoint(run_dir, step, unet, optimizer, grad_scaler, args.checkpoint_limit, ema, multiplier)
+                raise SystemExit(f"error: {nonfinite_in_a_row} non-finite steps in a row at step {step}; the last good "
+                                 f"weights are in {run_dir / 'checkpoints'}; lower --lr or use --mixed-precision "
+                                 "bf16/no and continue with --resume")
+        else:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+            nonfinite_in_a_row = 0
+            if ema is not None:
+                with torch.no_grad():
+                    for average, param in zip(ema, lora_params):
+                        average.lerp_(param, 1 - args.ema_decay)
+            if args.last_step == "constrain" and args.dual_lr > 0:
+                # every rank sees the same global gap, so the multiplier stays identical across ranks
+                multiplier = max(0.0, multiplier + args.dual_lr * (gathered("last_gap") - args.last_step_budget))
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - start
+
+        if not nonfinite and step % args.log_every == 0:
+            samples_per_s = args.batch_size * args.grad_accum * world_size / step_time
+            metrics = {"train/loss": gathered("loss"), "train/loss_dpo": gathered("loss_dpo"),
+                       "train/implicit_margin": gathered("margin"),
+                       "train/implicit_accuracy": global_mean(torch.cat([(s["margin"] > 0).float() for s in stats]),
+                                                              world_size),
+                       "train/kept_pairs": gathered("keep"), "train/kl": gathered("kl")}
+            metrics["train/divergence"] = metrics["train/kl"]
+            if args.con_weight > 0:
+                metrics["train/loss_con"] = gathered("loss_con")
+            if online:
+                metrics.update({"train/reward": gathered("rewards"), "train/reward_gap": gathered("gaps")})
+            if args.last_step == "constrain":
+                metrics.update({"train/last_step_gap": gathered("last_gap"), "train/multiplier": multiplier})
+            metrics.update({"train/grad_norm": grad_norm.item(), "perf/step_time_s": step_time,
+                            "perf/samples_per_s": samples_per_s})
+            if is_main:
+                reward_text = f"reward {metrics['train/reward']:.4f} " if online else ""
+                print(f"step {step}/{args.train_steps} {reward_text}loss_dpo {metrics['train/loss_dpo']:.4f} "
+                      f"margin {metrics['train/implicit_margin']:.4f} accuracy {metrics['train/implicit_accuracy']:.2f} "
+                      f"kl {metrics['train/kl']:.4f} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s")
+                log(metrics, step)
+        if args.save_every and step % args.save_every == 0:
+            if is_main:
+                save_checkpoint(run_dir, step, unet, optimizer, grad_scaler, args.checkpoint_limit, ema, multiplier)
+            if world_size > 1:
+                dist.barrier()
+        if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
+            run_evaluation(step)
+
+    if world_size > 1:
+        check_ranks_in_sync(lora_params)
+        if is_main:
+            print(f"LoRA weights identical on all {world_size} ranks")
+    if args.train_steps > start_step:
+        run_evaluation(args.train_steps)
+    if is_main:
+        save_lora(unet, run_dir / "final")
+        print(f"saved LoRA to {run_dir / 'final'}")
+        if args.track:
+            wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
