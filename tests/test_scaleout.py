@@ -20,9 +20,11 @@ from tests.conftest import REPO, run_dir_of, tiny_args
 # script -> flags that make a short run of it on the tiny world (beyond tiny_args)
 SCRIPTS = {
     "rocm_kl.py": ["--beta", "0.1", "--lr", "1e-2"],
+    "rocm_fdiv.py": ["--divergence", "hellinger", "--beta", "0.1", "--lr", "1e-2"],
+    "cm_dpo.py": ["--beta", "0.1", "--lr", "1e-2", "--samples-per-prompt", "2"],
 }
 # scripts whose update on N ranks x batch b equals one process with batch N*b
-SAME_AS_ONE_PROCESS = ["rocm_kl.py"]
+SAME_AS_ONE_PROCESS = ["rocm_kl.py", "rocm_fdiv.py", "cm_dpo.py"]
 
 
 def lora(run_dir: Path, name: str = "final") -> dict[str, torch.Tensor]:
@@ -147,7 +149,8 @@ def test_interrupted_save_keeps_the_previous_lora(script, tmp_path, monkeypatch)
 def test_non_finite_updates_are_skipped_then_stop_with_a_checkpoint(script, tiny, tmp_path):
     command = script_command(script, tiny, tmp_path, "--lr", "1e30", "--max-nonfinite-steps", "2", "--save-every",
                              "100", steps=20)
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: 2 non-finite steps in a row"), result.stderr[-3000:]

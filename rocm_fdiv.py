@@ -1,0 +1,740 @@
+"""ROCM with a chosen f-divergence: the same reward-through-the-chain training, different regularizers.
+
+Paper: "RLHF on Consistency Models" (ROCM), whose main comparison trains the same model with
+different f-divergences as the regularizer. A latent consistency model samples in K steps; every
+step but the last is a Gaussian policy p_k(x_{k-1} | x_k, c) = N(alpha'_k f_theta(x_k), sigma'^2_k I).
+The chain is reparameterized (x_{k-1} = alpha' f_theta(x_k) + sigma' z), so the reward of the final
+image is differentiable in the LoRA weights through all K steps. ROCM maximizes
+
+    E_z [ R(decode(x_0), c) - beta * sum_{k=1}^{K-1} D_f(p_k(. | theta, x_k, c) || p_k(. | theta_ref, x_k, c)) ]
+
+with the frozen base model as reference (the same UNet with LoRA adapters disabled) and D_f one of
+KL, reverse KL, squared Hellinger, Jensen-Shannon, Fisher, total variation, chi-squared (closed
+forms for equal-variance Gaussians in common.gaussian_divergence), or none (the unregularized
+baseline). Whatever D_f is, the joint KL is logged too (train/kl), from the same reference pass, so
+runs with different regularizers share one axis.
+
+This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact with diffusers'
+LatentConsistencyModelPipeline), gradient checkpointing, loss, training, evaluation, logging, saving.
+
+Run (GPU, real model):
+    python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
+Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
+    python rocm_fdiv.py --divergence js --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
+        --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --device cpu --mixed-precision no
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+import tyro
+
+from common import DIVERGENCES, REWARDS, gaussian_divergence, load_reward
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+
+@dataclass
+class Args:
+    # general
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (run directory and wandb run name)"""
+    seed: int = 0
+    """seed of python, numpy, torch and the sampling noise"""
+    device: str = "cuda"
+    """torch device to train on"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """autocast dtype; frozen weights are stored in it, LoRA weights stay fp32"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "cm-alignment"
+    """wandb project name"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+    output_dir: str = "runs"
+    """where run directories (LoRA weights, sample grids, metrics) are written"""
+    log_every: int = 1
+    """print and log training metrics every this many optimizer steps"""
+    eval_every: int = 100
+    """evaluate on held-out prompts every this many optimizer steps (0: only at the start and end)"""
+    save_every: int = 0
+    """save a resumable checkpoint (LoRA + optimizer state) every this many optimizer steps (0: never)"""
+    checkpoint_limit: int = 3
+    """keep at most this many checkpoints (the oldest are deleted)"""
+    resume: Optional[str] = None
+    """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
+
+    # model
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the paper trains at 512)"""
+    num_inference_steps: int = 8
+    """K, the number of LCM sampling steps"""
+    guidance_scale: float = 8.5
+    """LCM guidance scale; the UNet is conditioned on w = guidance_scale - 1 (omega 7.5 in the paper)"""
+    lora_rank: int = 16
+    """LoRA rank on the UNet attention projections"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale alpha / rank)"""
+    gradient_checkpointing: bool = True
+    """recompute each UNet call in the backward pass instead of storing its activations"""
+    checkpoint_decode: bool = False
+    """also recompute the VAE decode and the reward in the backward pass (less memory at high resolution)"""
+
+    # algorithm
+    reward: str = "pickscore"
+    """reward to maximize: NAME or NAME=PATH (hub id or local dir); differentiable: pickscore, hpsv2, clipscore, aesthetic"""
+    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
+    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
+    prompts_file: Optional[str] = None
+    """training prompts, one per line (default: the repo's prompts/train.txt)"""
+    eval_prompts_file: Optional[str] = None
+    """held-out evaluation prompts, one per line (default: the repo's prompts/eval.txt)"""
+    divergence: str = "kl"
+    """regularizer: kl, reverse_kl (= kl here: equal step variances), hellinger, js, fisher, tv, chi2, or none (the unregularized baseline; the KL to the base is still measured and logged)"""
+    reduction: Literal["per_dim", "joint"] = "per_dim"
+    """per_dim averages the divergences of the 1-D marginals; joint takes the whole latent, where hellinger, js and tv saturate over 16,384 dims and stop giving gradient"""
+    js_estimator: Literal["quadrature", "sampled"] = "quadrature"
+    """js only: quadrature (exact) or sampled (the paper's one-draw estimate, noise seeded by seed, step and sample)"""
+    beta: float = 100.0
+    """divergence weight, in the units of --divergence and --reduction; the paper's rule: beta * train/divergence about one order of magnitude below train/reward"""
+    train_steps: int = 1000
+    """number of optimizer steps"""
+    batch_size: int = 1
+    """images per micro-batch"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 6e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (global L2 norm)"""
+    eval_batch_size: int = 8
+    """images per batch during evaluation"""
+    max_nonfinite_steps: int = 10
+    """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
+    """Load tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
+        scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
+    except Exception as error:  # hub and file errors come in many types; all mean the same here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({reason}); "
+                         "pass --model a local pipeline directory or a reachable hub id")
+    if unet.config.time_cond_proj_dim is None:
+        raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(device)
+    return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
+
+
+def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
+    """LoRA on the attention projections (B initialised to zero, so the policy starts at the base)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for param in lora_params:  # trainable weights stay fp32 under autocast
+        param.data = param.data.float()
+    return lora_params
+
+
+def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
+    """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it).
+
+    Written to a temporary directory and renamed, so an interrupted save never leaves a
+    half-written directory in place of a good one. training_state, if given, is saved beside it.
+    """
+    from diffusers import LatentConsistencyModelPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LatentConsistencyModelPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=state,
+                                                     safe_serialization=True)
+    if training_state is not None:
+        torch.save(training_state, tmp / "training_state.pt")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
+    return prompts
+
+
+def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
+    """'name' or 'name=path' -> a frozen reward module (see common.load_reward)."""
+    name, _, path = spec.partition("=")
+    if name not in REWARDS:
+        raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
+    return load_reward(name, path or None, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The LCM sampling chain
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
+    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
+    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w.float()[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(device)
+
+
+@dataclass
+class ChainStep:
+    """Coefficients of one LCM step at timestep t; *_next describe the noise added towards t'."""
+
+    t: torch.Tensor
+    alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
+    sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    alpha_next: Optional[torch.Tensor]  # None on the last, deterministic step
+    sigma_next: Optional[torch.Tensor]
+
+
+def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
+    """The scheduler's timesteps and boundary-condition scalings, computed as LCMScheduler.step does."""
+    scheduler.set_timesteps(num_steps, device=device)
+    timesteps = scheduler.timesteps
+    acp = scheduler.alphas_cumprod
+    sigma_data = 0.5
+    steps = []
+    for i, t in enumerate(timesteps):
+        scaled = t.cpu() * scheduler.config.timestep_scaling
+        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+        c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+        alpha_prod = acp[t.cpu()]
+        step = dict(t=t, alpha=alpha_prod.sqrt(), sigma=(1 - alpha_prod).sqrt(), c_skip=c_skip, c_out=c_out,
+                    alpha_next=None, sigma_next=None)
+        if i + 1 < len(timesteps):
+            next_prod = acp[timesteps[i + 1].cpu()]
+            step.update(alpha_next=next_prod.sqrt(), sigma_next=(1 - next_prod).sqrt())
+        steps.append(ChainStep(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in step.items()}))
+    return steps
+
+
+def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
+    x0_hat = (x - step.sigma * eps) / step.alpha
+    return step.c_out * x0_hat + step.c_skip * x
+
+
+def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
+    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
+    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
+    return latents, noises
+
+
+def step_divergence(divergence: str, mean: torch.Tensor, reference_mean: torch.Tensor, std, reduction: str,
+                    js_estimator: str, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
+    """D_f(N(mean, std^2 I) || N(reference_mean, std^2 I)), one value per sample.
+
+    The sampled JS estimate draws each sample's noise from that sample's own generator (None: the
+    global one), so the draws depend on the sample alone: N ranks with batch b see what one process
+    with batch N*b sees, and a resumed run draws what the uninterrupted one drew.
+    """
+    if divergence == "js" and js_estimator == "sampled":
+        generators = generators or [None] * mean.shape[0]
+        return torch.cat([gaussian_divergence("js", m[None], r[None], std, reduction, "sampled", generator)
+                          for m, r, generator in zip(mean, reference_mean, generators)])
+    return gaussian_divergence(divergence, mean, reference_mean, std, reduction, js_estimator)
+
+
+def sample_chain(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
+                 divergence: Optional[str] = None, reduction: str = "per_dim", js_estimator: str = "quadrature",
+                 generators: Optional[list[torch.Generator]] = None, checkpoint: bool = False):
+    """Run the K-step chain with gradients; return (final latent x_0, per-sample sum of step divergences,
+    per-sample sum of step KLs).
+
+    Given a divergence (even "none", whose value is 0: its runs log the KL too), the reference's mean
+    at every stochastic step comes from the same UNet with adapters disabled, at the same x_k, under
+    no_grad; that one pass gives both the chosen divergence (with gradient) and the joint KL (without,
+    for logging). divergence=None (plain sampling) skips the reference and returns zeros.
+    The last step adds no noise, so it is no policy step and contributes no divergence.
+    """
+    x = latents
+    total_divergence = torch.zeros(latents.shape[0], device=latents.device)
+    total_kl = torch.zeros(latents.shape[0], device=latents.device)
+    for k, step in enumerate(schedule):
+        if checkpoint and torch.is_grad_enabled():
+            denoised = torch.utils.checkpoint.checkpoint(consistency_fn, unet, x, step, prompt_embeds,
+                                                         w_embedding, use_reentrant=False)
+        else:
+            denoised = consistency_fn(unet, x, step, prompt_embeds, w_embedding)
+        if step.alpha_next is None:
+            return denoised, total_divergence, total_kl
+        mean = step.alpha_next * denoised
+        if divergence is not None:
+            with torch.no_grad():
+                unet.disable_adapters()
+                reference = consistency_fn(unet, x, step, prompt_embeds, w_embedding)
+                unet.enable_adapters()
+            mean_p, mean_q = mean.float(), (step.alpha_next * reference).float()
+            if divergence != "none":
+                value = step_divergence(divergence, mean_p, mean_q, step.sigma_next, reduction, js_estimator,
+                                        generators)
+                total_divergence = total_divergence + value
+            if divergence == "kl" and reduction == "joint":
+                kl = value.detach()
+            else:
+                with torch.no_grad():
+                    kl = gaussian_divergence("kl", mean_p, mean_q, step.sigma_next)
+            total_kl = total_kl + kl
+        x = mean + step.sigma_next * noises[k]
+    raise AssertionError("the schedule has no final step")
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def rocm_loss(rewards: torch.Tensor, divergence: torch.Tensor, beta: float) -> torch.Tensor:
+    """Negative regularized reward, averaged over the batch.
+
+    At beta 0 the divergence is only measured: leaving it out keeps an infinite one (chi2 far from
+    the base) from turning the loss into 0 * inf = nan.
+    """
+    return (-rewards).mean() if beta == 0 else (-rewards + beta * divergence).mean()
+
+
+class RocmObjective(torch.nn.Module):
+    """The loss of one micro-batch as a single forward: chain with gradients, decode, reward.
+
+    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one
+    forward per backward it expects, although the chain calls the UNet K times, plus reference
+    passes and checkpoint recomputations, before the single backward.
+    """
+
+    def __init__(self, args: Args, tokenizer, text_encoder, vae, unet, reward_fn, schedule: list[ChainStep]):
+        super().__init__()
+        self.args, self.tokenizer, self.schedule = args, tokenizer, schedule
+        self.text_encoder, self.vae, self.unet, self.reward_fn = text_encoder, vae, unet, reward_fn
+
+    def forward(self, prompts: list[str], latents, noises, w_embedding, generators=None):
+        """Returns (loss, per-sample rewards, per-sample divergence, per-sample KL or None)."""
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        final, divergence, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding,
+                                             self.args.divergence, self.args.reduction, self.args.js_estimator,
+                                             generators, checkpoint=self.args.gradient_checkpointing)
+
+        def score(z):
+            return self.reward_fn(decode(self.vae, z), prompts)
+
+        rewards = torch.utils.checkpoint.checkpoint(score, final, use_reentrant=False) if self.args.checkpoint_decode \
+            else score(final)
+        rewards = rewards.float()
+        return rocm_loss(rewards, divergence, self.args.beta), rewards, divergence, kl
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, ranks and checkpoints
+# --------------------------------------------------------------------------------------------
+
+JS_STREAM = 1  # the last key of the seeds of the sampled JS estimate's noise
+
+
+def derived_seed(*keys: int) -> int:
+    """A seed derived from (seed, step, micro-batch[, sample]). Stateless: runs resume exactly, ranks differ."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def micro_batch(args: Args, prompts: list[str], step: int, micro: int, rank: int, world_size: int,
+                latent_shape: tuple, num_steps: int, device):
+    """This rank's slice of the global micro-batch: its prompts, initial latents, chain noise and, for the
+    sampled JS estimate, one generator per sample (else None).
+
+    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
+    samples one process with batch N*b sees.
+    """
+    chosen = random.Random(derived_seed(args.seed, step, micro)).choices(prompts, k=args.batch_size * world_size)
+    mine = range(rank * args.batch_size, (rank + 1) * args.batch_size)
+    draws = [draw_chain_noise((1, *latent_shape), num_steps,
+                              torch.Generator(device=device).manual_seed(derived_seed(args.seed, step, micro, i)), device)
+             for i in mine]
+    latents = torch.cat([latent for latent, _ in draws])
+    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+    generators = None
+    if args.divergence == "js" and args.js_estimator == "sampled":  # a stream apart from the chain noise's
+        generators = [torch.Generator(device=device).manual_seed(derived_seed(args.seed, step, micro, i, JS_STREAM))
+                      for i in mine]
+    return [chosen[i] for i in mine], latents, noises, generators
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun's environment variables switch on the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_name.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device(device_name), "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, device
+
+
+def global_mean(values: torch.Tensor, world_size: int) -> float:
+    total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def any_rank(flag: bool, device, world_size: int) -> bool:
+    if world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
+    """Fail loudly if the ranks' LoRA weights drifted apart (they cannot when gradients are synchronized)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
+
+
+def save_checkpoint(run_dir: Path, step: int, unet, optimizer, grad_scaler, limit: int) -> None:
+    """checkpoints/step_N: the LoRA (diffusers format) and what resuming needs; keeps the newest `limit`."""
+    trainable = {name: p.detach().cpu() for name, p in unet.named_parameters() if p.requires_grad}
+    save_lora(unet, run_dir / "checkpoints" / f"step_{step:06d}",
+              training_state={"step": step, "lora": trainable, "optimizer": optimizer.state_dict(),
+                              "grad_scaler": grad_scaler.state_dict()})
+    for stale in sorted((run_dir / "checkpoints").glob("step_[0-9]*[0-9]"))[:-limit]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one inside a run directory."""
+    if (path / "training_state.pt").is_file():
+        return path
+    candidates = sorted(c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]") if (c / "training_state.pt").is_file())
+    if not candidates:
+        raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
+                         "or one of its checkpoints/step_N directories")
+    return candidates[-1]
+
+
+def load_checkpoint(checkpoint: Path, unet, optimizer, grad_scaler) -> int:
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    grad_scaler.load_state_dict(state["grad_scaler"])
+    return state["step"]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and logging
+# --------------------------------------------------------------------------------------------
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    from PIL import Image
+
+    images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    n, _, h, w = images.shape
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    grid = torch.zeros(3, rows * h, columns * w, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+@torch.no_grad()
+def evaluate(args: Args, models, schedule, prompts: list[str], eval_rewards: dict, device, autocast):
+    """Sample the held-out prompts with a fixed seed and score them with every evaluation reward."""
+    tokenizer, text_encoder, vae, unet = models
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)
+    images, scores = [], {name: [] for name in eval_rewards}
+    for start in range(0, len(prompts), args.eval_batch_size):
+        batch = prompts[start:start + args.eval_batch_size]
+        side = args.resolution // vae_scale(vae)
+        latents, noises = draw_chain_noise((len(batch), unet.config.in_channels, side, side), len(schedule),
+                                           generator, device)
+        with autocast:
+            embeds = encode_prompts(tokenizer, text_encoder, batch)
+            w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
+            final = sample_chain(unet, latents, noises, schedule, embeds, w_embedding)[0]
+            batch_images = decode(vae, final)
+        images.append(batch_images.cpu())
+        for name, reward in eval_rewards.items():
+            reward.to(device)
+            with autocast:
+                scores[name].append(reward(batch_images, batch).float().cpu())
+    return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def validate(args: Args) -> None:
+    """Reject impossible settings with a one-line message before anything is loaded."""
+    problems = [
+        (args.divergence not in DIVERGENCES,
+         f"unknown divergence '{args.divergence}'; choose one of: {', '.join(DIVERGENCES)}"),
+        (args.js_estimator != "quadrature" and args.divergence != "js",
+         f"--js-estimator applies to --divergence js only (got --divergence {args.divergence}); drop --js-estimator"),
+        (args.beta < 0, f"--beta must be >= 0 (got {args.beta})"),
+        (args.num_inference_steps < 1, f"--num-inference-steps must be >= 1 (got {args.num_inference_steps})"),
+        (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),
+        (args.batch_size < 1, f"--batch-size must be >= 1 (got {args.batch_size})"),
+        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
+        (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
+        (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
+        (args.lora_rank < 1, f"--lora-rank must be >= 1 (got {args.lora_rank})"),
+        (args.resolution < 1, f"--resolution must be positive (got {args.resolution})"),
+        (args.checkpoint_limit < 1, f"--checkpoint-limit must be >= 1 (got {args.checkpoint_limit})"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"error: {message}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
+    if args.resume and not Path(args.resume).is_dir():
+        raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
+
+
+def main(args: Args) -> None:
+    validate(args)
+    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt")
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
+
+    try:
+        reward_fn = load_reward_spec(args.reward, device, weight_dtype)
+    except (FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"error: {error}")
+    if not reward_fn.differentiable:
+        raise SystemExit(f"error: reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
+                         "(pickscore, hpsv2, clipscore, aesthetic) or use rlcm_ppo.py")
+    eval_rewards = {}
+    for spec in args.eval_rewards if is_main else ():
+        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
+            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            print(f"warning: skipping evaluation reward: {error}")
+
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    models = (tokenizer, text_encoder, vae, unet)
+    objective = RocmObjective(args, tokenizer, text_encoder, vae, unet, reward_fn, schedule)
+    latent_shape = (unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
+    w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
+
+    start_step = 0
+    if args.resume:
+        checkpoint = find_checkpoint(Path(args.resume))
+        start_step = load_checkpoint(checkpoint, unet, optimizer, grad_scaler)
+        run_dir = checkpoint.parent.parent
+    else:
+        run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        print(f"run directory: {run_dir}" + (f" (resumed at step {start_step})" if args.resume else ""))
+        print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
+              f"{args.batch_size * args.grad_accum * world_size} images per optimizer step")
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                       resume="allow")
+
+    def log(metrics: dict, step: int) -> None:
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            wandb.log(metrics, step=step)
+
+    def run_evaluation(step: int) -> None:
+        if is_main:
+            unet.eval()
+            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
+            for reward in eval_rewards.values():
+                reward.to("cpu")
+            save_image_grid(images, run_dir / "samples" / f"step_{step:06d}.png")
+            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if args.track:
+                table = wandb.Table(columns=["prompt", "image", *scores])
+                for i, prompt in enumerate(eval_prompts):
+                    table.add_data(prompt, wandb.Image(images[i].permute(1, 2, 0).numpy()),
+                                   *[values[i].item() for values in scores.values()])
+                metrics["eval/samples"] = table
+            log(metrics, step)
+        if world_size > 1:
+            dist.barrier()
+
+    if start_step == 0:
+        run_evaluation(0)
+    nonfinite_in_a_row = skipped_steps = 0
+    for step in range(start_step + 1, args.train_steps + 1):
+        unet.train()
+        start = time.perf_counter()
+        losses, rewards, divergences, kls, nonfinite = [], [], [], [], False
+        try:
+            for micro in range(args.grad_accum):
+                prompts, latents, noises, generators = micro_batch(args, train_prompts, step, micro, rank, world_size,
+                                                                   latent_shape, len(schedule), device)
+                # ranks all-reduce gradients only in the last micro-batch's backward
+                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 or world_size == 1 \
+                    else objective.no_sync()
+                with sync:
+                    with autocast:
+                        loss, reward, divergence, kl = objective(prompts, latents, noises, w_embedding, generators)
+                    # a non-finite loss still runs backward, so every rank joins the same all-reduce;
+                    # its non-finite gradient then makes all ranks skip the update together
+                    nonfinite |= not torch.isfinite(loss).item()
+                    grad_scaler.scale(loss / args.grad_accum).backward()
+                losses.append(loss.detach().reshape(1))
+                rewards.append(reward.detach())
+                divergences.append(divergence.detach())
+                kls.append(kl)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: out of memory at step {step}; lower --batch-size (raise --grad-accum to keep "
+                             "the effective batch), keep --gradient-checkpointing, add --checkpoint-decode, "
+                             "or lower --resolution")
+        grad_scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+        nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
+        if nonfinite:
+            nonfinite_in_a_row += 1
+            skipped_steps += 1
+            grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
+            if is_main:
+                print(f"warning: step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+                log({"train/skipped_steps": skipped_steps}, step)
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                if is_main:  # the skipped updates left the weights at their last good values
+                    save_checkpoint(run_dir, step, unet, optimizer, grad_scaler, args.checkpoint_limit)
+                fix = "lower --lr or use --mixed-precision bf16/no"
+                if args.divergence == "chi2":  # exp(d2) - 1 overflows float32 once d2 passes 88
+                    fix += ", or a bounded --divergence (chi2 overflows far from the base)"
+                raise SystemExit(f"error: {nonfinite_in_a_row} non-finite steps in a row at step {step}; the last good "
+                                 f"weights are in {run_dir / 'checkpoints'}; {fix}, and continue with --resume")
+        else:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+            nonfinite_in_a_row = 0
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - start
+
+        if not nonfinite and step % args.log_every == 0:
+            metrics = {"train/reward": global_mean(torch.cat(rewards), world_size),
+                       "train/divergence": global_mean(torch.cat(divergences), world_size),
+                       "train/kl": global_mean(torch.cat(kls), world_size)}
+            samples_per_s = args.batch_size * args.grad_accum * world_size / step_time
+            metrics.update({"train/loss": global_mean(torch.cat(losses), world_size), "train/grad_norm": grad_norm.item(),
+                            "perf/step_time_s": step_time, "perf/samples_per_s": samples_per_s})
+            if is_main:
+                print(f"step {step}/{args.train_steps} reward {metrics['train/reward']:.4f} "
+                      f"{args.divergence}/{args.reduction} {metrics['train/divergence']:.4g} "
+                      f"kl {metrics['train/kl']:.4g} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s")
+                log(metrics, step)
+        if args.save_every and step % args.save_every == 0:
+            if is_main:
+                save_checkpoint(run_dir, step, unet, optimizer, grad_scaler, args.checkpoint_limit)
+            if world_size > 1:
+                dist.barrier()
+        if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
+            run_evaluation(step)
+
+    if world_size > 1:
+        check_ranks_in_sync(lora_params)
+        if is_main:
+            print(f"LoRA weights identical on all {world_size} ranks")
+    if args.train_steps > start_step:
+        run_evaluation(args.train_steps)
+    if is_main:
+        save_lora(unet, run_dir / "final")
+        print(f"saved LoRA to {run_dir / 'final'}")
+        if args.track:
+            wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
