@@ -1,0 +1,906 @@
+"""RLCM: PPO on the policy of a latent consistency model's sampling chain.
+
+Paper: "RL for Consistency Models: Faster Reward Guided Text-to-Image Generation" (RLCM,
+Oertell et al. 2024). The baseline the ROCM paper compares against, and the script for rewards
+without gradients (JPEG compressibility / incompressibility).
+
+An LCM samples in K steps; every step but the last is a Gaussian policy
+    p_k(x_{k-1} | x_k, c) = N(alpha'_k f_theta(x_k), sigma'^2_k I)
+(alpha', sigma' of the next timestep t'). The last step returns f_theta(x_1) without noise, so it
+is no action: the K-1 stochastic steps are the MDP's actions, the reward of the decoded final image
+is the return. Each PPO iteration (one of --train-steps):
+
+1. samples --sample-batches x --batch-size images without gradients, storing per stochastic step
+   x_k, the step index, the sampled x_{k-1} and log p_k(x_{k-1} | x_k) under the sampling policy;
+2. scores the images with the reward (under no_grad; any reward of common.py, differentiable or not);
+3. turns rewards into advantages: per-prompt normalization (a buffer of the last --stat-buffer-size
+   rewards of each prompt, used once it holds --stat-min-count, else the iteration's global
+   mean/std), clipped to [-adv_clip, adv_clip];
+4. runs --ppo-epochs passes over the shuffled (sample, step) pairs in minibatches of
+   --train-batch-size, recomputing log p_k(x_{k-1} | x_k) with the current LoRA and minimizing
+   the clipped objective max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(log p - log p_old),
+   stepping AdamW every --grad-accum minibatches with gradient clipping.
+
+Differences from the original RLCM code (github.com/Owen-Oertell/rlcm): no fake noise is added to
+the deterministic last step (it is not trained on); every random draw (prompts, chain noise, minibatch
+shuffles) is derived from (seed, iteration, ...), so --resume continues exactly; under torchrun each
+rank samples its own images, the rewards of all ranks are gathered so the per-prompt statistics are
+global, and DistributedDataParallel averages the minibatch gradients; the log-prob reduction is a flag.
+The log-prob is averaged over latent dimensions by default (RLCM's choice; it makes the ratio
+independent of resolution, hence the tiny clip range 1e-4); --logprob-reduction sum gives the true
+log-density, whose log-ratios are num_latent_dims (16,384 at 512 px) times larger.
+
+Run (GPU, real model):
+    python rlcm_ppo.py --reward jpeg_compressibility --train-steps 100 --track
+    python rlcm_ppo.py --reward aesthetic --train-steps 100 --track
+Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
+    python rlcm_ppo.py --model /tmp/tiny/lcm --reward jpeg_compressibility --eval-rewards clipscore=/tmp/tiny/clip \
+        --resolution 32 --num-inference-steps 4 --batch-size 2 --sample-batches 1 --device cpu --mixed-precision no
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import tyro
+
+from common import REWARDS, load_reward
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+
+@dataclass
+class Args:
+    # general
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (run directory and wandb run name)"""
+    seed: int = 0
+    """seed of the sampling noise, the prompt draws and the minibatch shuffling (all derived from seed and iteration)"""
+    device: str = "cuda"
+    """torch device to train on"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """autocast dtype; frozen weights are stored in it, LoRA weights stay fp32"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "cm-alignment"
+    """wandb project name"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+    output_dir: str = "runs"
+    """where run directories (LoRA weights, sample grids, metrics) are written"""
+    log_every: int = 1
+    """print and log training metrics every this many PPO iterations"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many PPO iterations (0: only at the start and end)"""
+    save_every: int = 0
+    """save a resumable checkpoint (LoRA, optimizer, reward statistics) every this many PPO iterations (0: never)"""
+    checkpoint_limit: int = 3
+    """keep at most this many checkpoints (the oldest are deleted)"""
+    resume: Optional[str] = None
+    """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
+
+    # model
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the ROCM paper's 512; RLCM's code defaulted to 768)"""
+    num_inference_steps: int = 8
+    """K, the number of LCM sampling steps; the K-1 stochastic ones are PPO's actions (K >= 2)"""
+    guidance_scale: float = 8.5
+    """LCM guidance scale, w = guidance_scale - 1; 8.5 (omega 7.5) as in ROCM so both start from the same policy (RLCM used 8.0)"""
+    lora_rank: int = 16
+    """LoRA rank on the UNet attention projections (RLCM's compression config; its aesthetic config used 8)"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale alpha / rank)"""
+
+    # algorithm
+    reward: str = "aesthetic"
+    """reward to maximize: NAME or NAME=PATH; any of common.py, with or without gradient (jpeg_compressibility, jpeg_incompressibility, aesthetic, pickscore, ...)"""
+    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
+    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
+    prompts_file: Optional[str] = None
+    """training prompts, one per line (default: the repo's prompts/train.txt)"""
+    eval_prompts_file: Optional[str] = None
+    """held-out evaluation prompts, one per line (default: the repo's prompts/eval.txt)"""
+    train_steps: int = 100
+    """number of PPO iterations (each: sample, score, then --ppo-epochs passes of minibatch updates); RLCM ran 100 epochs"""
+    batch_size: int = 8
+    """images per sampling batch (RLCM: 8 per GPU)"""
+    sample_batches: int = 4
+    """sampling batches per PPO iteration (RLCM: 10 per GPU on 4 GPUs)"""
+    train_batch_size: int = 2
+    """(sample, step) pairs per training minibatch; must divide batch_size x sample_batches x (K-1)"""
+    grad_accum: int = 4
+    """minibatches per optimizer step (a shorter last group ends each epoch when they do not divide)"""
+    ppo_epochs: int = 1
+    """passes over the iteration's (sample, step) pairs, reshuffled each time (RLCM: 1)"""
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay on the LoRA weights (DDPO/RLCM's 1e-4)"""
+    max_grad_norm: float = 5.0
+    """gradient clipping threshold (global L2 norm)"""
+    clip_range: float = 1e-4
+    """PPO clip range eps on the ratio; 1e-4 fits the mean reduction (with sum, log-ratios are num_latent_dims times larger)"""
+    adv_clip: float = 10.0
+    """advantages are clipped to [-adv_clip, adv_clip]"""
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    """log-prob over latent dimensions: mean (RLCM; resolution-independent ratio) or sum (the true log-density)"""
+    per_prompt_stat_tracking: bool = True
+    """normalize rewards per prompt (buffer + minimum count, global fallback); off: global batch mean/std"""
+    stat_buffer_size: int = 32
+    """rewards kept per prompt for per-prompt normalization"""
+    stat_min_count: int = 16
+    """a prompt's own mean/std is used once it has this many stored rewards; before, the iteration's global ones"""
+    eval_batch_size: int = 8
+    """images per batch during evaluation"""
+    max_nonfinite_steps: int = 10
+    """stop after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)"""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
+    """Load tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+        scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
+    except Exception as error:  # hub and file errors come in many types; all mean the same here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({reason}); "
+                         "pass --model a local pipeline directory or a reachable hub id")
+    if unet.config.time_cond_proj_dim is None:
+        raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(device, dtype=weight_dtype)
+    return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
+
+
+def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
+    """LoRA on the attention projections (B initialised to zero, so the policy starts at the base)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for param in lora_params:  # trainable weights stay fp32 under autocast
+        param.data = param.data.float()
+    return lora_params
+
+
+def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
+    """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it).
+
+    Written to a temporary directory and renamed, so an interrupted save never leaves a
+    half-written directory in place of a good one. training_state, if given, is saved beside it.
+    """
+    from diffusers import LatentConsistencyModelPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LatentConsistencyModelPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=state,
+                                                     safe_serialization=True)
+    if training_state is not None:
+        torch.save(training_state, tmp / "training_state.pt")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
+    return prompts
+
+
+def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
+    """'name' or 'name=path' -> a frozen reward module (see common.load_reward)."""
+    name, _, path = spec.partition("=")
+    if name not in REWARDS:
+        raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
+    return load_reward(name, path or None, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The LCM policy
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
+    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
+    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w.float()[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(device)
+
+
+@dataclass
+class Schedule:
+    """The K-step LCM chain as 1-D tensors indexed by step k = 0..K-1 (*_next: k = 0..K-2).
+
+    alpha, sigma: sqrt(acp[t]) and sqrt(1 - acp[t]) of step k's timestep t; c_skip, c_out: the
+    boundary-condition scalings; alpha_next, sigma_next: those of the next timestep t', the mean
+    scale and std of the Gaussian step policy (the last step has none: it is deterministic).
+    """
+
+    timesteps: torch.Tensor
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    alpha_next: torch.Tensor
+    sigma_next: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def lcm_schedule(scheduler, num_steps: int, device) -> Schedule:
+    """The scheduler's timesteps and scalings, computed elementwise as LCMScheduler.step does."""
+    scheduler.set_timesteps(num_steps, device="cpu")
+    timesteps = scheduler.timesteps.cpu()
+    acp = scheduler.alphas_cumprod.cpu()[timesteps]
+    scaled = timesteps * scheduler.config.timestep_scaling
+    sigma_data = 0.5
+    values = dict(timesteps=timesteps, alpha=acp.sqrt(), sigma=(1 - acp).sqrt(),
+                  c_skip=sigma_data**2 / (scaled**2 + sigma_data**2),
+                  c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5,
+                  alpha_next=acp[1:].sqrt(), sigma_next=(1 - acp[1:]).sqrt())
+    return Schedule(**{name: value.to(device) for name, value in values.items()})
+
+
+def _per_sample(values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    return values[steps].view(-1, 1, 1, 1)
+
+
+def consistency_fn(unet, x: torch.Tensor, steps: torch.Tensor, schedule: Schedule, prompt_embeds,
+                   w_embedding) -> torch.Tensor:
+    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x, for per-sample step indices.
+
+    Sampling and training both call this with a (B,) tensor of step indices, so a (sample, step)
+    pair goes through the same arithmetic whichever batch it sits in.
+    """
+    eps = unet(x, schedule.timesteps[steps], encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
+    x0_hat = (x - _per_sample(schedule.sigma, steps) * eps) / _per_sample(schedule.alpha, steps)
+    return _per_sample(schedule.c_out, steps) * x0_hat + _per_sample(schedule.c_skip, steps) * x
+
+
+def policy_mean_std(unet, x, steps, schedule: Schedule, prompt_embeds, w_embedding):
+    """Mean alpha' f(x_k) and std sigma' (B,1,1,1) of the Gaussian step policy at stochastic steps `steps`."""
+    denoised = consistency_fn(unet, x, steps, schedule, prompt_embeds, w_embedding)
+    return _per_sample(schedule.alpha_next, steps) * denoised, _per_sample(schedule.sigma_next, steps)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample (float32), averaged ("mean") or summed ("sum") over dimensions."""
+    x, mean, std = x.float(), mean.float(), torch.as_tensor(std, device=x.device).float()
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    dims = tuple(range(1, x.ndim))
+    if reduction == "mean":
+        return log_prob.mean(dim=dims)
+    if reduction == "sum":
+        return log_prob.sum(dim=dims)
+    raise ValueError(f"unknown log-prob reduction '{reduction}'; choose mean or sum")
+
+
+def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
+    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
+    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
+    return latents, noises
+
+
+@dataclass
+class Rollout:
+    """Sampled trajectories. Per sample n and stochastic step k (0..K-2): latents[n, k] = x before
+    step k, next_latents[n, k] = the sampled x after it, log_probs[n, k] = its log-prob under the
+    sampling policy."""
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    latents: torch.Tensor  # (N, K-1, C, H, W)
+    next_latents: torch.Tensor  # (N, K-1, C, H, W)
+    log_probs: torch.Tensor  # (N, K-1)
+    final_latents: torch.Tensor  # (N, C, H, W), the deterministic last step's output
+    rewards: Optional[torch.Tensor] = None  # (N,)
+    advantages: Optional[torch.Tensor] = None  # (N,)
+
+    @staticmethod
+    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":
+        def join(name):
+            values = [getattr(r, name) for r in rollouts]
+            return None if any(v is None for v in values) else torch.cat(values)
+        return Rollout(prompts=[p for r in rollouts for p in r.prompts],
+                       **{name: join(name) for name in ("prompt_embeds", "latents", "next_latents", "log_probs",
+                                                         "final_latents", "rewards", "advantages")})
+
+
+@torch.no_grad()
+def sample_with_logprobs(unet, latents, noises, schedule: Schedule, prompt_embeds, w_embedding, prompts,
+                         reduction: str = "mean") -> Rollout:
+    """Run the K-step chain without gradients, keeping every stochastic step's (x_k, x_{k-1}, log-prob).
+
+    x_{k-1} = alpha' f(x_k) + sigma' z (bit-exact with diffusers' pipeline for the same noise); the
+    last step returns f(x_1) with no noise and is not recorded as an action.
+    """
+    x = latents
+    batch = latents.shape[0]
+    before, after, log_probs = [], [], []
+    for k in range(len(schedule) - 1):
+        steps = torch.full((batch,), k, dtype=torch.long, device=x.device)
+        mean, std = policy_mean_std(unet, x, steps, schedule, prompt_embeds, w_embedding)
+        next_x = (mean + std * noises[k]).float()
+        before.append(x)
+        after.append(next_x)
+        log_probs.append(gaussian_log_prob(next_x, mean, std, reduction))
+        x = next_x
+    last = torch.full((batch,), len(schedule) - 1, dtype=torch.long, device=x.device)
+    final = consistency_fn(unet, x, last, schedule, prompt_embeds, w_embedding).float()
+    empty = latents.new_zeros((batch, 0, *latents.shape[1:]))
+    return Rollout(prompts=list(prompts), prompt_embeds=prompt_embeds,
+                   latents=torch.stack(before, 1) if before else empty,
+                   next_latents=torch.stack(after, 1) if after else empty,
+                   log_probs=torch.stack(log_probs, 1) if log_probs else latents.new_zeros((batch, 0)),
+                   final_latents=final)
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages and the PPO objective
+# --------------------------------------------------------------------------------------------
+
+class PerPromptStatTracker:
+    """Per-prompt reward normalization (DDPO / RLCM), its state a plain JSON-serializable dict.
+
+    Every prompt keeps its last `buffer_size` rewards. A batch's rewards of a prompt are added to
+    its buffer first; if the buffer then holds at least `min_count` rewards they are normalized with
+    the buffer's mean and (population) std, else with the whole batch's mean and std.
+    """
+
+    EPS = 1e-6  # added to the std, as in DDPO
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, deque] = {}
+        self.last_per_prompt_fraction = 0.0  # share of the last batch normalized with its prompt's own stats
+
+    def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+        values = np.asarray(rewards.detach().double().cpu().numpy(), dtype=np.float64)
+        if len(prompts) != len(values):
+            raise ValueError(f"{len(prompts)} prompts for {len(values)} rewards")
+        prompts_array = np.array(prompts, dtype=object)
+        global_mean, global_std = values.mean(), values.std() + self.EPS
+        advantages = np.empty_like(values)
+        per_prompt = 0
+        for prompt in dict.fromkeys(prompts):  # unique, in order of appearance
+            mask = prompts_array == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(values[mask].tolist())
+            if len(buffer) >= self.min_count:
+                stored = np.array(buffer)
+                mean, std = stored.mean(), stored.std() + self.EPS
+                per_prompt += int(mask.sum())
+            else:
+                mean, std = global_mean, global_std
+            advantages[mask] = (values[mask] - mean) / std
+        self.last_per_prompt_fraction = per_prompt / max(len(values), 1)
+        return torch.as_tensor(advantages, dtype=torch.float32, device=rewards.device)
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
+        self.buffers = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()}
+
+
+def compute_advantages(rewards: torch.Tensor, prompts: Sequence[str], tracker: Optional[PerPromptStatTracker],
+                       adv_clip: float) -> torch.Tensor:
+    """Normalized, clipped advantages: per prompt with a tracker, else with the batch's mean and std."""
+    if tracker is not None:
+        advantages = tracker.update(prompts, rewards)
+    else:
+        values = rewards.float()
+        advantages = (values - values.mean()) / (values.std(unbiased=False) + PerPromptStatTracker.EPS)
+    return advantages.clamp(-adv_clip, adv_clip)
+
+
+def ppo_clipped_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                     clip_range: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate as a loss: mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)).
+
+    Returns (loss, stats) with stats: ratio (detached), approx_kl = mean of (log r)^2 / 2, and
+    clip_fraction = share of |r - 1| > eps.
+    """
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"ratio": ratio.detach(), "approx_kl": 0.5 * log_ratio.square().mean(),
+                 "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean()}
+    return loss, stats
+
+
+def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int,
+                    generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A shuffled split of all (sample, step) pairs into minibatches of (sample indices, step indices)."""
+    order = torch.randperm(num_samples * num_actions, generator=generator)
+    return [(chunk // num_actions, chunk % num_actions) for chunk in order.split(train_batch_size)]
+
+
+class PpoObjective(torch.nn.Module):
+    """The clipped loss of one minibatch of stored (sample, step) pairs as a single forward.
+
+    Wrapped in DistributedDataParallel, so the LoRA gradients of every rank's minibatch are averaged.
+    """
+
+    def __init__(self, unet, schedule: Schedule, clip_range: float, reduction: str):
+        super().__init__()
+        self.unet, self.schedule, self.clip_range, self.reduction = unet, schedule, clip_range, reduction
+
+    def forward(self, rollout: Rollout, samples: torch.Tensor, steps: torch.Tensor, w_embedding: torch.Tensor):
+        """Recompute log p(x_{k-1} | x_k) of the stored pairs under the current policy; returns (loss, stats)."""
+        mean, std = policy_mean_std(self.unet, rollout.latents[samples, steps], steps, self.schedule,
+                                    rollout.prompt_embeds[samples], w_embedding[:len(samples)])
+        log_probs = gaussian_log_prob(rollout.next_latents[samples, steps], mean, std, self.reduction)
+        return ppo_clipped_loss(log_probs, rollout.log_probs[samples, steps], rollout.advantages[samples],
+                                self.clip_range)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches, ranks and checkpoints
+# --------------------------------------------------------------------------------------------
+
+def derived_seed(*keys: int) -> int:
+    """A seed derived from (seed, iteration, sampling batch[, sample]). Stateless: runs resume exactly, ranks differ."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def sampling_batch(args: Args, prompts: list[str], iteration: int, batch_index: int, rank: int, world_size: int,
+                latent_shape: tuple, num_steps: int, device):
+    """This rank's slice of a sampling batch of an iteration: prompts, initial latents, chain noise.
+
+    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
+    samples one process with batch N*b sees.
+    """
+    chosen = random.Random(derived_seed(args.seed, iteration, batch_index)).choices(prompts, k=args.batch_size * world_size)
+    mine = range(rank * args.batch_size, (rank + 1) * args.batch_size)
+    draws = [draw_chain_noise((1, *latent_shape), num_steps,
+                              torch.Generator(device=device).manual_seed(derived_seed(args.seed, iteration, batch_index, i)), device)
+             for i in mine]
+    latents = torch.cat([latent for latent, _ in draws])
+    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+    return [chosen[i] for i in mine], latents, noises
+
+
+def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun's environment variables switch on the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device(device_name)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_name.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device(device_name), "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, device
+
+
+def global_mean(values: torch.Tensor, world_size: int) -> float:
+    total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def any_rank(flag: bool, device, world_size: int) -> bool:
+    if world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_rewards(rewards: torch.Tensor, prompts: list[str], world_size: int) -> tuple[torch.Tensor, list[str]]:
+    """Every rank's rewards and prompts, rank-major, so every rank's stat tracker sees the same global batch."""
+    if world_size == 1:
+        return rewards, list(prompts)
+    parts = [torch.empty_like(rewards) for _ in range(world_size)]
+    dist.all_gather(parts, rewards.contiguous())
+    prompt_parts = [None] * world_size
+    dist.all_gather_object(prompt_parts, list(prompts))
+    return torch.cat(parts), [prompt for part in prompt_parts for prompt in part]
+
+
+def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
+    """Fail loudly if the ranks' LoRA weights drifted apart (they cannot when gradients are synchronized)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
+
+
+def save_checkpoint(run_dir: Path, step: int, unet, optimizer, grad_scaler, tracker, limit: int) -> None:
+    """checkpoints/step_N: the LoRA (diffusers format) and what resuming needs, the reward statistics
+    included; keeps the newest `limit`."""
+    trainable = {name: p.detach().cpu() for name, p in unet.named_parameters() if p.requires_grad}
+    save_lora(unet, run_dir / "checkpoints" / f"step_{step:06d}",
+              training_state={"step": step, "lora": trainable, "optimizer": optimizer.state_dict(),
+                              "grad_scaler": grad_scaler.state_dict(),
+                              "stat_tracker": tracker.state_dict() if tracker else None})
+    for stale in sorted((run_dir / "checkpoints").glob("step_[0-9]*[0-9]"))[:-limit]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or the newest complete one inside a run directory."""
+    if (path / "training_state.pt").is_file():
+        return path
+    candidates = sorted(c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]") if (c / "training_state.pt").is_file())
+    if not candidates:
+        raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
+                         "or one of its checkpoints/step_N directories")
+    return candidates[-1]
+
+
+def load_checkpoint(checkpoint: Path, unet, optimizer, grad_scaler, tracker) -> int:
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    grad_scaler.load_state_dict(state["grad_scaler"])
+    if tracker is not None and state["stat_tracker"] is not None:
+        tracker.load_state_dict(state["stat_tracker"])
+    return state["step"]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and logging
+# --------------------------------------------------------------------------------------------
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    from PIL import Image
+
+    images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    n, _, h, w = images.shape
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    grid = torch.zeros(3, rows * h, columns * w, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def evaluate(args: Args, models, schedule: Schedule, prompts: list[str], eval_rewards: dict, device, autocast):
+    """Sample the held-out prompts with a fixed seed and score them with every evaluation reward."""
+    tokenizer, text_encoder, vae, unet = models
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)
+    images, scores = [], {name: [] for name in eval_rewards}
+    for start in range(0, len(prompts), args.eval_batch_size):
+        batch = prompts[start:start + args.eval_batch_size]
+        side = args.resolution // vae_scale(vae)
+        shape = (len(batch), unet.config.in_channels, side, side)
+        latents, noises = draw_chain_noise(shape, len(schedule), generator, device)
+        with autocast:
+            embeds = encode_prompts(tokenizer, text_encoder, batch)
+            w_emb = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
+            rollout = sample_with_logprobs(unet, latents, noises, schedule, embeds, w_emb, batch)
+            batch_images = decode(vae, rollout.final_latents)
+        images.append(batch_images.cpu())
+        for name, reward in eval_rewards.items():
+            reward.to(device)
+            with autocast:
+                scores[name].append(reward(batch_images, batch).float().cpu())
+    return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
+
+
+def validate(args: Args) -> None:
+    """Reject impossible settings with a one-line message before anything is loaded."""
+    problems = [
+        (args.num_inference_steps < 2, f"--num-inference-steps must be >= 2: the K-1 stochastic steps are "
+                                       f"PPO's actions (got {args.num_inference_steps})"),
+        (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),
+        (args.batch_size < 1, f"--batch-size must be >= 1 (got {args.batch_size})"),
+        (args.sample_batches < 1, f"--sample-batches must be >= 1 (got {args.sample_batches})"),
+        (args.train_batch_size < 1, f"--train-batch-size must be >= 1 (got {args.train_batch_size})"),
+        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
+        (args.ppo_epochs < 1, f"--ppo-epochs must be >= 1 (got {args.ppo_epochs})"),
+        (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
+        (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
+        (args.clip_range <= 0, f"--clip-range must be > 0 (got {args.clip_range})"),
+        (args.adv_clip <= 0, f"--adv-clip must be > 0 (got {args.adv_clip})"),
+        (args.max_grad_norm <= 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
+        (args.stat_buffer_size < 1, f"--stat-buffer-size must be >= 1 (got {args.stat_buffer_size})"),
+        (args.stat_min_count < 1, f"--stat-min-count must be >= 1 (got {args.stat_min_count})"),
+        (args.stat_min_count > args.stat_buffer_size,
+         f"--stat-min-count ({args.stat_min_count}) must be <= --stat-buffer-size ({args.stat_buffer_size})"),
+        (args.lora_rank < 1, f"--lora-rank must be >= 1 (got {args.lora_rank})"),
+        (args.resolution < 1, f"--resolution must be positive (got {args.resolution})"),
+        (args.checkpoint_limit < 1, f"--checkpoint-limit must be >= 1 (got {args.checkpoint_limit})"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"error: {message}")
+    pairs = args.batch_size * args.sample_batches * (args.num_inference_steps - 1)
+    if pairs % args.train_batch_size:
+        raise SystemExit(f"error: --train-batch-size ({args.train_batch_size}) must divide the (sample, step) pairs "
+                         f"per iteration, batch_size x sample_batches x (K-1) = {args.batch_size} x "
+                         f"{args.sample_batches} x {args.num_inference_steps - 1} = {pairs}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
+    if args.resume and not Path(args.resume).is_dir():
+        raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
+
+
+def main(args: Args) -> None:
+    validate(args)
+    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt")
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
+
+    try:
+        reward_fn = load_reward_spec(args.reward, device, weight_dtype)
+    except (FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"error: {error}")
+    eval_rewards = {}
+    for spec in args.eval_rewards if is_main else ():
+        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
+            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            print(f"warning: skipping evaluation reward: {error}")
+
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    # eval mode throughout: PPO's ratio compares the sampling and the training policy, so both
+    # must be the same function (no dropout). The LCM UNet has no batch norm.
+    unet.eval()
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay)
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    models = (tokenizer, text_encoder, vae, unet)
+    objective = PpoObjective(unet, schedule, args.clip_range, args.logprob_reduction)
+    side = args.resolution // vae_scale(vae)
+    latent_shape = (unet.config.in_channels, side, side)
+    time_cond_dim = unet.config.time_cond_proj_dim
+    sample_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.batch_size, device)
+    train_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.train_batch_size, device)
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) if args.per_prompt_stat_tracking else None
+    num_actions = args.num_inference_steps - 1
+    num_samples = args.batch_size * args.sample_batches  # per rank and iteration
+
+    start_iteration = 0
+    if args.resume:
+        checkpoint = find_checkpoint(Path(args.resume))
+        start_iteration = load_checkpoint(checkpoint, unet, optimizer, grad_scaler, tracker)
+        run_dir = checkpoint.parent.parent
+    else:
+        run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        print(f"run directory: {run_dir}" + (f" (resumed at step {start_iteration})" if args.resume else ""))
+        print(f"effective batch: {args.batch_size} x {args.sample_batches} sampling batches x {world_size} ranks = "
+              f"{num_samples * world_size} images per iteration; {args.train_batch_size} (sample, step) pairs x "
+              f"{args.grad_accum} accumulation x {world_size} ranks = "
+              f"{args.train_batch_size * args.grad_accum * world_size} pairs per optimizer step")
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                       resume="allow")
+
+    def log(metrics: dict, step: int) -> None:
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            wandb.log(metrics, step=step)
+
+    def run_evaluation(step: int) -> None:
+        if is_main:
+            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
+            for reward in eval_rewards.values():
+                reward.to("cpu")
+            save_image_grid(images, run_dir / "samples" / f"step_{step:06d}.png")
+            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if args.track:
+                table = wandb.Table(columns=["prompt", "image", *scores])
+                for i, prompt in enumerate(eval_prompts):
+                    table.add_data(prompt, wandb.Image(images[i].permute(1, 2, 0).numpy()),
+                                   *[values[i].item() for values in scores.values()])
+                metrics["eval/samples"] = table
+            log(metrics, step)
+        if world_size > 1:
+            dist.barrier()
+
+    if start_iteration == 0:
+        run_evaluation(0)
+    nonfinite_in_a_row = skipped_steps = 0
+    for iteration in range(start_iteration + 1, args.train_steps + 1):
+        start = time.perf_counter()
+
+        # 1-3. sample with log-probs, score, advantages (normalized over all ranks' samples)
+        rollouts = []
+        for batch_index in range(args.sample_batches):
+            prompts, latents, noises = sampling_batch(args, train_prompts, iteration, batch_index, rank, world_size,
+                                                      latent_shape, len(schedule), device)
+            with torch.no_grad(), autocast:
+                embeds = encode_prompts(tokenizer, text_encoder, prompts)
+                rollout = sample_with_logprobs(unet, latents, noises, schedule, embeds, sample_w_embedding, prompts,
+                                               args.logprob_reduction)
+                rollout.rewards = reward_fn(decode(vae, rollout.final_latents), prompts).float()
+            rollouts.append(rollout)
+        rollout = Rollout.cat(rollouts)
+        all_rewards, all_prompts = gather_rewards(rollout.rewards, rollout.prompts, world_size)
+        all_advantages = compute_advantages(all_rewards, all_prompts, tracker, args.adv_clip)
+        rollout.advantages = all_advantages[rank * num_samples:(rank + 1) * num_samples]
+        sampling_time = time.perf_counter() - start
+
+        # 4. PPO epochs over shuffled (sample, step) minibatches; every rank has as many, so DDP's
+        # all-reduces line up
+        stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "grad_norm": []}
+        optimizer_steps = 0
+        for epoch in range(args.ppo_epochs):
+            shuffle = torch.Generator().manual_seed(derived_seed(args.seed, iteration, epoch, rank))
+            minibatches = ppo_minibatches(num_samples, num_actions, args.train_batch_size, shuffle)
+            for group_start in range(0, len(minibatches), args.grad_accum):
+                group = minibatches[group_start:group_start + args.grad_accum]
+                nonfinite = False
+                try:
+                    for position, (samples, steps) in enumerate(group):
+                        sync = contextlib.nullcontext() if position == len(group) - 1 or world_size == 1 \
+                            else objective.no_sync()
+                        with sync:
+                            with autocast:
+                                loss, info = objective(rollout, samples.to(device), steps.to(device),
+                                                       train_w_embedding)
+                            # a non-finite loss still runs backward, so every rank joins the same all-reduce
+                            nonfinite |= not torch.isfinite(loss).item()
+                            grad_scaler.scale(loss / len(group)).backward()
+                        stats["loss"].append(loss.detach())
+                        stats["approx_kl"].append(info["approx_kl"])
+                        stats["clip_fraction"].append(info["clip_fraction"])
+                except torch.OutOfMemoryError:
+                    raise SystemExit(f"error: out of memory at iteration {iteration}; lower --train-batch-size (raise "
+                                     "--grad-accum to keep the pairs per update) or --batch-size, or lower --resolution")
+                grad_scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+                nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
+                if nonfinite:
+                    nonfinite_in_a_row += 1
+                    skipped_steps += 1
+                    grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
+                    if is_main:
+                        print(f"warning: iteration {iteration}: non-finite loss or gradient, update skipped "
+                              f"({nonfinite_in_a_row} in a row)")
+                        log({"train/skipped_steps": skipped_steps}, iteration)
+                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                        if is_main:  # the skipped updates left the weights at their last good values
+                            save_checkpoint(run_dir, iteration, unet, optimizer, grad_scaler, tracker,
+                                            args.checkpoint_limit)
+                        raise SystemExit(f"error: {nonfinite_in_a_row} non-finite steps in a row at iteration "
+                                         f"{iteration}; the last good weights are in {run_dir / 'checkpoints'}; lower "
+                                         "--lr or use --mixed-precision bf16/no and continue with --resume")
+                else:
+                    grad_scaler.step(optimizer)
+                    grad_scaler.update()
+                    nonfinite_in_a_row = 0
+                    optimizer_steps += 1
+                    stats["grad_norm"].append(grad_norm.detach())
+                optimizer.zero_grad(set_to_none=True)
+        iteration_time = time.perf_counter() - start
+
+        if iteration % args.log_every == 0:
+            def average(name):
+                return global_mean(torch.stack(stats[name]), world_size) if stats[name] else float("nan")
+
+            samples_per_s = num_samples * world_size / iteration_time
+            metrics = {"train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std(unbiased=False).item(),
+                       "train/advantage_abs": all_advantages.abs().mean().item(),
+                       "train/per_prompt_fraction": tracker.last_per_prompt_fraction if tracker else 0.0,
+                       "train/approx_kl": average("approx_kl"), "train/clip_fraction": average("clip_fraction"),
+                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"),
+                       "train/optimizer_steps": optimizer_steps, "train/skipped_steps": skipped_steps,
+                       "perf/step_time_s": iteration_time, "perf/sampling_time_s": sampling_time,
+                       "perf/samples_per_s": samples_per_s}
+            if is_main:
+                print(f"iteration {iteration}/{args.train_steps} reward {metrics['train/reward']:.4f} "
+                      f"+- {metrics['train/reward_std']:.4f} approx_kl {metrics['train/approx_kl']:.3g} "
+                      f"clip_fraction {metrics['train/clip_fraction']:.3f} | {samples_per_s:.2f} samples/s")
+                log(metrics, iteration)
+        if args.save_every and iteration % args.save_every == 0:
+            if is_main:
+                save_checkpoint(run_dir, iteration, unet, optimizer, grad_scaler, tracker, args.checkpoint_limit)
+            if world_size > 1:
+                dist.barrier()
+        if args.eval_every and iteration % args.eval_every == 0 and iteration != args.train_steps:
+            run_evaluation(iteration)
+
+    if world_size > 1:
+        check_ranks_in_sync(lora_params)
+        if is_main:
+            print(f"LoRA weights identical on all {world_size} ranks")
+    if args.train_steps > start_iteration:
+        run_evaluation(args.train_steps)
+    if is_main:
+        save_lora(unet, run_dir / "final")
+        print(f"saved LoRA to {run_dir / 'final'}")
+        if args.track:
+            wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

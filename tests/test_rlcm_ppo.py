@@ -1,0 +1,140 @@
+"""rlcm_ppo.py: log-probs, the first ratio, the clipped objective, per-prompt normalization, end-to-end runs."""
+
+import json
+
+import pytest
+import torch
+
+import rlcm_ppo
+from tests.conftest import run_dir_of, tiny_args
+
+PROMPTS = ["a cat", "a red apple on a table"]
+
+
+@pytest.fixture(scope="module")
+def lcm(tiny):
+    tokenizer, text_encoder, vae, unet, scheduler = rlcm_ppo.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
+    rlcm_ppo.add_lora(unet, rank=4, alpha=4)
+    with torch.no_grad():  # a policy away from the base, so nothing is trivially zero
+        generator = torch.Generator().manual_seed(0)
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    unet.eval()
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+def rollout_of(lcm, reduction="mean", num_steps=4, batch=2, seed=3):
+    tokenizer, text_encoder, vae, unet, scheduler = lcm
+    schedule = rlcm_ppo.lcm_schedule(scheduler, num_steps, "cpu")
+    latents, noises = rlcm_ppo.draw_chain_noise((batch, 4, 16, 16), num_steps, torch.Generator().manual_seed(seed), "cpu")
+    embeds = rlcm_ppo.encode_prompts(tokenizer, text_encoder, PROMPTS[:batch])
+    w = rlcm_ppo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, batch, "cpu")
+    rollout = rlcm_ppo.sample_with_logprobs(unet, latents, noises, schedule, embeds, w, PROMPTS[:batch], reduction)
+    return rollout, schedule, w
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_stored_log_prob_is_the_normal_log_density(lcm, reduction):
+    rollout, schedule, w = rollout_of(lcm, reduction)
+    unet = lcm[3]
+    for k in range(len(schedule) - 1):
+        steps = torch.full((2,), k)
+        with torch.no_grad():
+            mean, std = rlcm_ppo.policy_mean_std(unet, rollout.latents[:, k], steps, schedule, rollout.prompt_embeds, w)
+        density = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(rollout.next_latents[:, k]).flatten(1)
+        expected = density.mean(1) if reduction == "mean" else density.sum(1)
+        assert torch.allclose(rollout.log_probs[:, k], expected, rtol=1e-5, atol=1e-5)
+    assert rollout.log_probs.shape == (2, len(schedule) - 1)  # the deterministic last step is no action
+
+
+def test_importance_ratio_is_exactly_one_on_the_first_minibatch(lcm):
+    rollout, schedule, _ = rollout_of(lcm)
+    rollout.advantages = torch.tensor([1.0, -1.0])
+    objective = rlcm_ppo.PpoObjective(lcm[3], schedule, clip_range=1e-4, reduction="mean")
+    shuffle = torch.Generator().manual_seed(0)
+    samples, steps = rlcm_ppo.ppo_minibatches(2, len(schedule) - 1, 3, shuffle)[0]
+    w = rlcm_ppo.guidance_embedding(8.5, lcm[3].config.time_cond_proj_dim, 3, "cpu")
+    loss, stats = objective(rollout, samples, steps, w)
+    assert torch.equal(stats["ratio"], torch.ones(3))
+    assert stats["approx_kl"] == 0 and stats["clip_fraction"] == 0
+    loss.backward()  # at ratio 1 nothing is clipped: the policy gradient flows
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lcm[3].parameters() if p.requires_grad)
+    lcm[3].zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("advantage,log_ratio,clipped", [
+    (1.0, 0.5, True),     # ratio above 1 + eps with a positive advantage: no further push up
+    (-1.0, -0.5, True),   # ratio below 1 - eps with a negative advantage: no further push down
+    (1.0, -0.5, False),   # below the range but the advantage pulls it back: gradient flows
+    (-1.0, 0.5, False),
+    (1.0, 0.0, False),
+])
+def test_clipped_objective_gradient(advantage, log_ratio, clipped):
+    old = torch.zeros(4)
+    new = torch.full((4,), log_ratio, requires_grad=True)
+    loss, stats = rlcm_ppo.ppo_clipped_loss(new, old, torch.full((4,), advantage), clip_range=0.1)
+    loss.backward()
+    if clipped:
+        assert torch.equal(new.grad, torch.zeros(4)) and stats["clip_fraction"] == 1
+    else:
+        assert (new.grad.abs() > 0).all()
+
+
+def test_per_prompt_normalizer_gives_standard_advantages_once_the_minimum_count_is_reached():
+    tracker = rlcm_ppo.PerPromptStatTracker(buffer_size=8, min_count=4)
+    generator = torch.Generator().manual_seed(0)
+    prompts = ["a"] * 3 + ["b"] * 3
+    first = tracker.update(prompts, torch.randn(6, generator=generator) + torch.tensor([0.0] * 3 + [10.0] * 3))
+    assert tracker.last_per_prompt_fraction == 0  # 3 < 4 rewards per prompt: the batch's own mean and std
+    assert abs(first.mean().item()) < 1e-5
+    prompts = ["a"] * 5 + ["b"] * 5
+    rewards = torch.randn(10, generator=generator) * torch.tensor([1.0] * 5 + [3.0] * 5) + torch.tensor([0.0] * 5 + [10.0] * 5)
+    tracker.update(prompts, rewards)  # buffers now hold 8 rewards each
+    assert tracker.last_per_prompt_fraction == 1
+    advantages = tracker.update(["a"] * 8 + ["b"] * 8, torch.cat([rewards[:5], rewards[:3], rewards[5:], rewards[5:8]]))
+    for half in (advantages[:8], advantages[8:]):  # each prompt's buffer is exactly this batch's 8 rewards
+        assert abs(half.mean().item()) < 1e-5 and abs(half.std(unbiased=False).item() - 1) < 1e-4
+    restored = rlcm_ppo.PerPromptStatTracker(1, 1)
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert restored.state_dict() == tracker.state_dict()
+
+
+@pytest.mark.parametrize("reward", ["jpeg_compressibility", "aesthetic"])
+def test_end_to_end_run_saves_a_loadable_lora(tiny, run_script, reward):
+    from diffusers import LatentConsistencyModelPipeline
+
+    result = run_script("rlcm_ppo.py", *tiny_args(tiny, steps=2), "--reward",
+                        reward if reward.startswith("jpeg") else f"aesthetic={tiny['aesthetic']}", "--lr", "1e-2",
+                        "--sample-batches", "2", "--train-batch-size", "3", "--grad-accum", "2", "--ppo-epochs", "2",
+                        "--stat-min-count", "2", "--eval-every", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = run_dir_of(result.stdout)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if "train/reward" in m]
+    assert [m["step"] for m in train] == [1, 2]
+    for name in ("train/approx_kl", "train/clip_fraction", "train/reward_std", "perf/samples_per_s"):
+        assert all(name in m for m in train)
+    assert all(m["train/optimizer_steps"] == 4 for m in train)  # 12 (sample, step) pairs / 3 / 2 accumulated, x 2 epochs
+    assert [m["step"] for m in metrics if "eval/clipscore" in m] == [0, 1, 2]
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(tiny["lcm"])
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=4, height=32, width=32, output_type="latent")
+    before = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(run_dir / "final")
+    after = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert (after - before).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-inference-steps", "1"], "--num-inference-steps must be >= 2"),
+    (["--train-batch-size", "5"], "--train-batch-size (5) must divide"),
+    (["--reward", "jpeg"], "unknown reward 'jpeg'"),
+    (["--stat-min-count", "64"], "--stat-min-count (64) must be <= --stat-buffer-size (32)"),
+])
+def test_bad_input_is_a_one_line_error(tiny, run_script, flags, message):
+    result = run_script("rlcm_ppo.py", *tiny_args(tiny), *flags)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
