@@ -23,6 +23,18 @@ def tiny(tmp_path_factory):
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process training runs take one intra-op thread: on a shared, loaded CPU two spinning OpenMP
+    threads were measured 25x slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def run_script(tmp_path):
     """Run a top-level script as a user would; returns the CompletedProcess (never raises)."""

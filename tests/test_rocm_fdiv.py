@@ -20,14 +20,7 @@ REGULARIZERS = [(name, "quadrature") for name in DIVERGENCES if name != "none"] 
 SATURATING = {"hellinger": 1.0, "js": 0.6931471805599453, "tv": 1.0}  # the joint bound of each, per step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process runs take one intra-op thread: on a shared, loaded CPU, two spinning OpenMP
-    threads were measured 25x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
