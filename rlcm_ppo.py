@@ -203,7 +203,10 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
+    # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader
+    # assumes alpha = rank and applies the LoRA at rank / alpha of its trained strength
     LatentConsistencyModelPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=state,
+                                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
                                                      safe_serialization=True)
     if training_state is not None:
         torch.save(training_state, tmp / "training_state.pt")

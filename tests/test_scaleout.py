@@ -164,3 +164,26 @@ def test_non_finite_updates_are_skipped_then_stop_with_a_checkpoint(script, tiny
     checkpoints = list((run_dir / "checkpoints").glob("step_*/training_state.pt"))
     assert len(checkpoints) == 1
     assert all(torch.isfinite(value).all() for value in lora(checkpoints[0].parent, ".").values())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_saved_lora_loads_at_its_trained_strength(script, tiny, tmp_path):
+    from diffusers import LatentConsistencyModelPipeline
+
+    module = importlib.import_module(Path(script).stem)
+    _, _, _, unet, _ = module.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
+    module.add_lora(unet, rank=4, alpha=16)  # scale alpha / rank = 4: lost if the file forgets alpha
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    module.save_lora(unet, tmp_path / "lora")
+    pipe = LatentConsistencyModelPipeline.from_pretrained(tiny["lcm"])
+    pipe.load_lora_weights(tmp_path / "lora")
+    generator = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    cond = torch.randn(2, unet.config.time_cond_proj_dim, generator=generator)
+    with torch.no_grad():
+        trained = unet(x, 499, encoder_hidden_states=text, timestep_cond=cond).sample
+        loaded = pipe.unet(x, 499, encoder_hidden_states=text, timestep_cond=cond).sample
+    assert torch.allclose(trained, loaded, atol=1e-5), (trained - loaded).abs().max()
