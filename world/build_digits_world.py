@@ -675,6 +675,17 @@ prompt without, with "thin", with "thick", repeated).
     (out / "README.md").write_text(text)
 
 
+def cached_or_trained(work: Path | None, name: str, load, train):
+    """A stage's model from the work directory where an earlier build cached it, else trained (and cached)."""
+    if work and (work / name / "config.json").exists():
+        log(f"{name}: reused from the work directory")
+        return load(work / name)
+    model = train()
+    if work:
+        model.save_pretrained(work / name)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="world/digits", help="output directory")
@@ -692,6 +703,7 @@ def main() -> None:
     work = Path(args.work_dir) if args.work_dir else None
     steps = {k: max(2, round(v * args.steps_scale)) for k, v in STEPS.items()}
 
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel
 
     from common import AESTHETIC_HEAD_FILE, load_reward
@@ -706,13 +718,8 @@ def main() -> None:
     clip_dir = out / "clip"
     shutil.rmtree(clip_dir, ignore_errors=True)
     tokenizer = write_word_tokenizer(clip_dir, caption_words())
-    if work and (work / "clip" / "config.json").exists():
-        clip = CLIPModel.from_pretrained(work / "clip")
-        log("clip: reused from the work directory")
-    else:
-        clip = train_clip(tokenizer, train, steps["clip"], args.seed)
-        if work:
-            clip.save_pretrained(work / "clip")
+    clip = cached_or_trained(work, "clip", CLIPModel.from_pretrained,
+                             lambda: train_clip(tokenizer, train, steps["clip"], args.seed))
     clip.save_pretrained(clip_dir, safe_serialization=True)
     clip_reward = load_reward("clipscore", str(clip_dir))
 
@@ -730,26 +737,13 @@ def main() -> None:
     text_encoder.eval().requires_grad_(False)
 
     # 4. VAE
-    if work and (work / "vae" / "config.json").exists():
-        from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(work / "vae")
-        log("vae: reused from the work directory")
-    else:
-        vae = train_vae(train, steps["vae"], args.seed)
-        if work:
-            vae.save_pretrained(work / "vae")
+    vae = cached_or_trained(work, "vae", AutoencoderKL.from_pretrained, lambda: train_vae(train, steps["vae"], args.seed))
     vae.eval().requires_grad_(False)
 
     # 5. teacher
     data = LatentData(vae, text_encoder, tokenizer, train)
-    if work and (work / "teacher" / "config.json").exists():
-        from diffusers import UNet2DConditionModel
-        teacher = UNet2DConditionModel.from_pretrained(work / "teacher")
-        log("teacher: reused from the work directory")
-    else:
-        teacher = train_teacher(data, steps["teacher"], args.seed)
-        if work:
-            teacher.save_pretrained(work / "teacher")
+    teacher = cached_or_trained(work, "teacher", UNet2DConditionModel.from_pretrained,
+                                lambda: train_teacher(data, steps["teacher"], args.seed))
     teacher.eval().requires_grad_(False)
 
     # 6. classifier (evaluation only; needed to check the teacher)
