@@ -149,7 +149,7 @@ def main(args: Args) -> dict[str, float]:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"args": asdict(args), "results": results}, indent=2))
     output.with_suffix(".md").write_text(markdown_table([(args.lora or "base", results)]))
-    rocm_kl.save_image_grid(images, output.with_suffix(".png"), columns=args.samples_per_prompt * 4)
+    rocm_kl.save_image_grid(images, output.with_suffix(".png"), columns=args.samples_per_prompt)  # a row per prompt
     print(" ".join(f"{name}={value:.4f}" for name, value in results.items()))
     print(f"wrote {output}, {output.with_suffix('.md')}, {output.with_suffix('.png')}")
     return results
