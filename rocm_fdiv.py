@@ -567,6 +567,9 @@ def vae_scale(vae) -> int:
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     problems = [
+        (args.compile and not args.device.startswith("cuda"),
+         "--compile needs a CUDA device: on the CPU, inductor gave wrong LoRA gradients through the UNet's up "
+         "blocks (torch 2.13, tiny test world); drop --compile"),
         (args.divergence not in DIVERGENCES,
          f"unknown divergence '{args.divergence}'; choose one of: {', '.join(DIVERGENCES)}"),
         (args.js_estimator != "quadrature" and args.divergence != "js",

@@ -515,6 +515,9 @@ def vae_scale(vae) -> int:
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     problems = [
+        (args.compile and not args.device.startswith("cuda"),
+         "--compile needs a CUDA device: on the CPU, inductor gave wrong LoRA gradients through the UNet's up "
+         "blocks (torch 2.13, tiny test world); drop --compile"),
         (args.beta < 0, f"--beta must be >= 0 (got {args.beta})"),
         (args.num_inference_steps < 1, f"--num-inference-steps must be >= 1 (got {args.num_inference_steps})"),
         (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),
