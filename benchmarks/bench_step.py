@@ -8,8 +8,15 @@ script and batch size it reports the median time per image over --repeats steps 
 peak GPU memory, FLOPs counted by torch's FlopCounterMode, and utilization against the bf16 matmul
 rate measured in the same run. Writes a markdown table to --output.
 
-GPU (about 10 minutes; the first call spends ~2 of them writing 10 GB of random weights):
+Scripts: rocm_kl; rocm_fdiv, one row per --divergences entry; rlcm_ppo, one iteration (sampling its
+--sample-batches batches without gradients, then one PPO epoch), per sampled image; cm_dpo, one
+online-pairs step, per generated image. --fast times each step with the scripts' --compile
+--channels-last instead, after checking on the same inputs that its loss and LoRA gradients match the
+eager path's, and times the eager rocm_kl step as the reference of the speed column.
+
+GPU (the first call spends ~2 minutes writing 10 GB of random weights):
     python benchmarks/bench_step.py --batch-sizes 1 4 8
+    python benchmarks/bench_step.py --scripts rocm_kl rocm_fdiv rlcm_ppo cm_dpo --batch-sizes 1 4 8 --fast
 CPU check of the harness on the tiny test world:
     python benchmarks/bench_step.py --scale tiny --device cpu --mixed-precision no --batch-sizes 1 2
 """
