@@ -97,7 +97,7 @@ class Args:
     channels_last: bool = False
     """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs; same results up to float rounding)"""
     compile: bool = False
-    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (regional: short compile, same LoRA names)"""
+    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; regional: short compile, same LoRA names)"""
 
     # algorithm
     reward: str = "pickscore"

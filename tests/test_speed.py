@@ -38,11 +38,11 @@ def saved_lora_keys(directory) -> list[str]:
 
 def test_channels_last_gives_the_default_loss_and_gradients(tiny, one_torch_thread):
     bench = rocm_kl_step(tiny)
-    default = bench.check_point()
+    default = bench.parity_values()
     bench.module.speed_up(bench.unet, bench.vae, channels_last=True, compile=False)
     conv = bench.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert_close(bench.check_point(), default)
+    assert_close(bench.parity_values(), default)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -94,12 +94,12 @@ def test_compile_gives_the_eager_loss_and_gradients_and_a_lora_without_orig_mod(
     bench = rocm_kl_step(tiny)
     assert bench.run_args.gradient_checkpointing
     names = [name for name, p in bench.unet.named_parameters() if p.requires_grad]
-    eager = bench.check_point()
+    eager = bench.parity_values()
     bench.module.speed_up(bench.unet, bench.vae, channels_last=False, compile=True, backend="eager")
     blocks = [*bench.unet.down_blocks, bench.unet.mid_block, *bench.unet.up_blocks, bench.vae.decoder]
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert bench.unet._compiled_call_impl is None  # the blocks, not the whole model
-    compiled = bench.check_point()
+    compiled = bench.parity_values()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= len(blocks)
     assert_close(compiled, eager)
     bench.step()  # an optimizer step through the compiled blocks
