@@ -8,8 +8,15 @@ script and batch size it reports the median time per image over --repeats steps 
 peak GPU memory, FLOPs counted by torch's FlopCounterMode, and utilization against the bf16 matmul
 rate measured in the same run. Writes a markdown table to --output.
 
-GPU (about 10 minutes; the first call spends ~2 of them writing 10 GB of random weights):
+Scripts: rocm_kl; rocm_fdiv, one row per --divergences entry; rlcm_ppo, one iteration (sampling its
+--sample-batches batches without gradients, then one PPO epoch), per sampled image; cm_dpo, one
+online-pairs step, per generated image. --fast times each step with the scripts' --compile
+--channels-last instead, after checking on the same inputs that its loss and LoRA gradients match the
+eager path's, and times the eager rocm_kl step as the reference of the speed column.
+
+GPU (the first call spends ~2 minutes writing 10 GB of random weights):
     python benchmarks/bench_step.py --batch-sizes 1 4 8
+    python benchmarks/bench_step.py --scripts rocm_kl rocm_fdiv rlcm_ppo cm_dpo --batch-sizes 1 4 8 --fast
 CPU check of the harness on the tiny test world:
     python benchmarks/bench_step.py --scale tiny --device cpu --mixed-precision no --batch-sizes 1 2
 """
@@ -17,13 +24,15 @@ CPU check of the harness on the tiny test world:
 from __future__ import annotations
 
 import datetime
+import functools
+import gc
 import itertools
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 import tyro
@@ -33,6 +42,8 @@ sys.path.insert(0, str(REPO))
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk",
            "a bowl of ramen, studio lighting", "a red fox in fresh snow"]
+# the fast path's largest relative gap to the eager path that still passes: float rounding only
+PARITY_TOLERANCE = {"no": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
 
 
 @dataclass
@@ -40,9 +51,15 @@ class Args:
     scale: Literal["real", "tiny"] = "real"
     """real: the architectures of the paper's models; tiny: the test world, to check the harness on a CPU"""
     scripts: tuple[str, ...] = ("rocm_kl",)
-    """scripts whose training step is timed"""
+    """scripts whose training step is timed: rocm_kl, rocm_fdiv, rlcm_ppo, cm_dpo"""
+    divergences: tuple[str, ...] = ("kl", "reverse_kl", "hellinger", "js", "fisher", "none")
+    """rocm_fdiv: one row per divergence (per_dim reduction, the script's default)"""
     batch_sizes: tuple[int, ...] = (1, 4, 8)
-    """images per step"""
+    """the scripts' --batch-size: images per step (rlcm_ppo: per sampling batch; cm_dpo: pairs)"""
+    fast: bool = False
+    """time every step with --compile --channels-last, after checking its loss and LoRA gradients against the eager path; the eager rocm_kl step is timed too, as the reference"""
+    compile_backend: str = "inductor"
+    """torch.compile backend of --fast (the scripts' --compile uses inductor; aot_eager checks the harness quickly on a CPU)"""
     resolution: int = 0
     """image side in pixels (0: 512 for real, 32 for tiny)"""
     num_inference_steps: int = 8
@@ -72,39 +89,182 @@ def build_models(args: Args) -> dict[str, Path]:
     return paths
 
 
-def rocm_step(script: str, args: Args, models: dict[str, Path], batch_size: int) -> Callable[[], torch.Tensor]:
-    """One optimizer step of rocm_kl.py (or a script with its layout), built with the script's own functions."""
-    module = __import__(script)
-    run_args = module.Args(model=str(models["lcm"]), reward=f"pickscore={models['clip']}", batch_size=batch_size,
-                           resolution=args.resolution, num_inference_steps=args.num_inference_steps,
-                           device=args.device, mixed_precision=args.mixed_precision)
-    device = torch.device(args.device)
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")
-    tokenizer, text_encoder, vae, unet, scheduler = module.load_lcm(run_args.model, device, dtype)
-    lora_params = module.add_lora(unet, run_args.lora_rank, run_args.lora_alpha)
-    reward_fn = module.load_reward_spec(run_args.reward, device, dtype)
-    schedule = module.lcm_schedule(scheduler, run_args.num_inference_steps, device)
-    objective = module.RocmObjective(run_args, tokenizer, text_encoder, vae, unet, reward_fn, schedule)
-    optimizer = torch.optim.AdamW(lora_params, lr=run_args.lr)
-    side = run_args.resolution // module.vae_scale(vae)
-    w_embedding = module.guidance_embedding(run_args.guidance_scale, unet.config.time_cond_proj_dim, batch_size, device)
-    steps = itertools.count(1)
+def weight_dtype(args: Args) -> torch.dtype:
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
-    def step() -> torch.Tensor:
-        prompts, latents, noises = module.micro_batch(run_args, PROMPTS, next(steps), 0, 0, 1,
-                                                      (unet.config.in_channels, side, side), len(schedule), device)
-        with autocast:
-            loss, _, _ = objective(prompts, latents, noises, w_embedding)
+
+class Bench:
+    """A script's models, LoRA and optimizer, loaded with the script's own functions, as its main() does.
+
+    The LoRA's B matrices get small random values (they start at zero), so the policy differs from
+    the reference and every LoRA weight has a gradient for the fast path's check. Builders set
+    loss_and_grads(index): forward and backward of the step with that index, no update; and, where
+    a step is more than one update (PPO), iteration(index).
+    """
+
+    def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int, **fields):
+        self.module = module = __import__(script)
+        self.run_args = run_args = module.Args(
+            model=str(models["lcm"]), reward=f"pickscore={models['clip']}", batch_size=batch_size,
+            resolution=args.resolution, num_inference_steps=args.num_inference_steps, device=args.device,
+            mixed_precision=args.mixed_precision, **fields)
+        self.device = device = torch.device(args.device)
+        dtype = weight_dtype(args)
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")
+        self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = module.load_lcm(run_args.model, device, dtype)
+        torch.manual_seed(run_args.seed)
+        self.lora_params = module.add_lora(self.unet, run_args.lora_rank, run_args.lora_alpha)
+        generator = torch.Generator().manual_seed(run_args.seed)
+        with torch.no_grad():
+            for name, param in self.unet.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 1e-2)
+        self.reward_fn = module.load_reward_spec(run_args.reward, device, dtype)
+        self.schedule = module.lcm_schedule(self.scheduler, run_args.num_inference_steps, device)
+        self.optimizer = torch.optim.AdamW(self.lora_params, lr=run_args.lr, weight_decay=run_args.weight_decay,
+                                           fused=device.type == "cuda")
+        side = run_args.resolution // module.vae_scale(self.vae)
+        self.latent_shape = (self.unet.config.in_channels, side, side)
+        self.images = batch_size
+        self.iteration: Optional[Callable[[int], None]] = None
+        self.steps = itertools.count(1)
+
+    def loss_and_grads(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """One timed training step (PPO: one iteration)."""
+        index = next(self.steps)
+        if self.iteration is not None:
+            return self.iteration(index)
+        self.loss_and_grads(index)
+        self.update()
+
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def parity_values(self, index: int = 0) -> list[torch.Tensor]:
+        """The loss and the LoRA gradients of step `index` (no update), for comparing two paths."""
+        loss = self.loss_and_grads(index)
+        values = [loss.float().reshape(1)] + [p.grad.detach().float().clone() for p in self.lora_params]
+        self.optimizer.zero_grad(set_to_none=True)
+        return values
+
+
+class RocmBench(Bench):
+    """rocm_kl.py / rocm_fdiv.py: one micro-batch through RocmObjective (chain, decode, reward, divergence)."""
+
+    def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int, divergence: str = ""):
+        super().__init__(script, args, models, batch_size, **({"divergence": divergence} if divergence else {}))
+        m, a = self.module, self.run_args
+        self.objective = m.RocmObjective(a, self.tokenizer, self.text_encoder, self.vae, self.unet, self.reward_fn,
+                                         self.schedule)
+        self.w_embedding = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, batch_size,
+                                                self.device)
+        self.unet.train()
+
+    def loss_and_grads(self, index: int) -> torch.Tensor:
+        # rocm_fdiv's micro_batch adds the sampled-JS generators, which its objective takes last
+        prompts, latents, noises, *generators = self.module.micro_batch(
+            self.run_args, PROMPTS, index, 0, 0, 1, self.latent_shape, len(self.schedule), self.device)
+        with self.autocast:
+            loss = self.objective(prompts, latents, noises, self.w_embedding, *generators)[0]
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
+
+class PpoBench(Bench):
+    """rlcm_ppo.py: one iteration samples --sample-batches batches without gradients, scores them, and runs
+    one PPO epoch over their (sample, step) pairs, an optimizer step every --grad-accum minibatches."""
+
+    def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int):
+        super().__init__(script, args, models, batch_size)
+        m, a = self.module, self.run_args
+        self.unet.eval()  # as the script: sampling and training policy are the same function
+        self.objective = m.PpoObjective(self.unet, self.schedule, a.clip_range, a.logprob_reduction)
+        dim = self.unet.config.time_cond_proj_dim
+        self.sample_w = m.guidance_embedding(a.guidance_scale, dim, a.batch_size, self.device)
+        self.train_w = m.guidance_embedding(a.guidance_scale, dim, a.train_batch_size, self.device)
+        self.images = batch_size * a.sample_batches
+        self.iteration = self.ppo_iteration
+
+    def rollout(self, index: int):
+        m, a = self.module, self.run_args
+        rollouts = []
+        for batch_index in range(a.sample_batches):
+            prompts, latents, noises = m.sampling_batch(a, PROMPTS, index, batch_index, 0, 1, self.latent_shape,
+                                                        len(self.schedule), self.device)
+            with torch.no_grad(), self.autocast:
+                embeds = m.encode_prompts(self.tokenizer, self.text_encoder, prompts)
+                rollout = m.sample_with_logprobs(self.unet, latents, noises, self.schedule, embeds, self.sample_w,
+                                                 prompts, a.logprob_reduction)
+                rollout.rewards = self.reward_fn(m.decode(self.vae, rollout.final_latents), prompts).float()
+            rollouts.append(rollout)
+        rollout = m.Rollout.cat(rollouts)
+        rollout.advantages = m.compute_advantages(rollout.rewards, rollout.prompts, None, a.adv_clip)
+        shuffle = torch.Generator().manual_seed(m.derived_seed(a.seed, index, 0, 0))
+        return rollout, m.ppo_minibatches(len(rollout.prompts), len(self.schedule) - 1, a.train_batch_size, shuffle)
+
+    def backward(self, rollout, samples, steps, scale: float) -> torch.Tensor:
+        with self.autocast:
+            loss, _ = self.objective(rollout, samples.to(self.device), steps.to(self.device), self.train_w)
+        (loss * scale).backward()
+        return loss.detach()
+
+    def loss_and_grads(self, index: int) -> torch.Tensor:
+        """The iteration's sampling and its first minibatch (the importance ratio is 1 there)."""
+        rollout, minibatches = self.rollout(index)
+        return self.backward(rollout, *minibatches[0], 1.0)
+
+    def ppo_iteration(self, index: int) -> None:
+        rollout, minibatches = self.rollout(index)
+        accum = self.run_args.grad_accum
+        for start in range(0, len(minibatches), accum):
+            group = minibatches[start:start + accum]
+            for samples, steps in group:
+                self.backward(rollout, samples, steps, 1 / len(group))
+            self.update()
 
 
-STEPS = {"rocm_kl": rocm_step}
+class DpoBench(Bench):
+    """cm_dpo.py, online pairs: sample --samples-per-prompt chains per prompt without gradients, rank them by
+    the reward, then one forward and backward of CmDpoObjective on the best-worst pairs."""
+
+    def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int):
+        super().__init__(script, args, models, batch_size)
+        m, a = self.module, self.run_args
+        self.unet.train()
+        self.objective = m.CmDpoObjective(a, self.unet, self.scheduler, self.schedule, self.lora_params, None)
+        self.w_row = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, 1, self.device)
+        self.images = batch_size * a.samples_per_prompt
+
+    def loss_and_grads(self, index: int) -> torch.Tensor:
+        models = (self.tokenizer, self.text_encoder, self.vae, self.unet)
+        batch = self.module.online_pairs(self.run_args, models, self.reward_fn, self.schedule, PROMPTS, index, 0, 0, 1,
+                                         self.latent_shape, self.w_row, len(self.objective.grid), self.device,
+                                         self.autocast)
+        with self.autocast:
+            loss, _ = self.objective(batch, self.w_row.expand(len(batch.embeds), -1), self.run_args.last_step_multiplier)
+        loss.backward()
+        return loss.detach()
+
+
+STEPS = {"rocm_kl": RocmBench, "rocm_fdiv": RocmBench, "rlcm_ppo": PpoBench, "cm_dpo": DpoBench}
+
+
+def benchmark_rows(args: Args) -> list[tuple[str, str, Callable[..., Bench]]]:
+    """(row name, path, builder), the eager rocm_kl step first: it is the reference of the speed column."""
+    named = []
+    for script in args.scripts:
+        if script == "rocm_fdiv":
+            named += [(f"rocm_fdiv[{name}]", functools.partial(RocmBench, script, divergence=name))
+                      for name in args.divergences]
+        else:
+            named.append((script, functools.partial(STEPS[script], script)))
+    if args.fast:
+        return [("rocm_kl", "eager", functools.partial(RocmBench, "rocm_kl"))] + [(n, "fast", b) for n, b in named]
+    return [(n, "eager", b) for n, b in sorted(named, key=lambda item: item[0] != "rocm_kl")]
 
 
 def synchronize(device: torch.device) -> None:
@@ -137,36 +297,53 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / seconds
 
 
-def measure(step: Callable[[], torch.Tensor], args: Args, batch_size: int) -> dict:
+def max_relative_difference(values: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Largest gap of two lists of tensors (loss, then gradients), each relative to the reference tensor's largest entry."""
+    return max(((value - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+               for value, ref in zip(values, reference))
+
+
+def measure(bench: Bench, args: Args, fast: bool) -> dict:
+    """FLOPs of one eager step; for the fast path the parity check, then compile and channels_last; then the timing."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = torch.device(args.device)
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = statistics.median(timed(step, device) for _ in range(args.repeats))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    return {"s_per_image": seconds / batch_size, "flop_per_image": counter.get_total_flops() / batch_size,
-            "peak_gib": peak}
+    with counter:  # counted on the eager path: compiled kernels bypass the counter
+        bench.step()
+    figures = {"flop_per_image": counter.get_total_flops() / bench.images, "max_rel_diff": None}
+    if fast:
+        eager = bench.parity_values()
+        bench.module.speed_up(bench.unet, bench.vae, channels_last=True, compile=True, backend=args.compile_backend)
+        figures["max_rel_diff"] = max_relative_difference(bench.parity_values(), eager)
+    for _ in range(args.warmup):
+        bench.step()
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    seconds = statistics.median(timed(bench.step, bench.device) for _ in range(args.repeats))
+    figures["s_per_image"] = seconds / bench.images
+    figures["peak_gib"] = torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.device.type == "cuda" \
+        else float("nan")
+    return figures
 
 
 def main(args: Args) -> None:
+    from common import DIVERGENCES
+
     if args.resolution == 0:
         args.resolution = 512 if args.scale == "real" else 32
     unknown = [script for script in args.scripts if script not in STEPS]
     if unknown:
         raise SystemExit(f"error: no benchmark for {', '.join(unknown)}; choose from: {', '.join(STEPS)}")
+    unknown = [name for name in args.divergences if name not in DIVERGENCES]
+    if unknown:
+        raise SystemExit(f"error: unknown divergence {', '.join(unknown)}; choose from: {', '.join(DIVERGENCES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: CUDA is not available here; pass --scale tiny --device cpu --mixed-precision no")
     device = torch.device(args.device)
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     models = build_models(args)
-    rate = matmul_rate(device, dtype)
-    print(f"matmul rate ({dtype}): {rate / 1e12:.1f} TFLOP/s")
+    rate = matmul_rate(device, weight_dtype(args))
+    print(f"matmul rate ({weight_dtype(args)}): {rate / 1e12:.1f} TFLOP/s")
+    tolerance = PARITY_TOLERANCE[args.mixed_precision]
 
     import diffusers
 
@@ -174,23 +351,44 @@ def main(args: Args) -> None:
     lines = [f"Training step per image, {args.scale} scale, {args.resolution} px, K={args.num_inference_steps}, "
              f"LoRA r16, {args.mixed_precision}, checkpointing on. {hardware}, torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, {datetime.date.today()}; matmul rate measured in the same run: "
-             f"{rate / 1e12:.1f} TFLOP/s.", "",
-             "| script | batch | ms / image | GFLOP / image | TFLOP/s | % of matmul rate | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
-    for script in args.scripts:
-        for batch_size in args.batch_sizes:
-            figures = measure(STEPS[script](script, args, models, batch_size), args, batch_size)
+             f"{rate / 1e12:.1f} TFLOP/s. Path fast: --compile --channels-last ({args.compile_backend}); its parity "
+             f"column is the largest gap of loss and LoRA gradients to the eager path on the same inputs, relative to "
+             f"each tensor's largest entry (tolerance {tolerance:g}). Speed: eager rocm_kl's ms / image over the row's.",
+             "", "| script | path | batch | images / step | ms / image | GFLOP / image | TFLOP/s | % of matmul rate | "
+             "peak GiB | speed vs eager rocm_kl | parity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    reference, failures = {}, []
+    for batch_size in args.batch_sizes:
+        for name, path, build in benchmark_rows(args):
+            bench = build(args, models, batch_size)
+            figures = measure(bench, args, fast=path == "fast")
+            if (name, path) == ("rocm_kl", "eager"):
+                reference[batch_size] = figures["s_per_image"]
             achieved = figures["flop_per_image"] / figures["s_per_image"]
-            row = (f"| {script} | {batch_size} | {figures['s_per_image'] * 1e3:.1f} | "
+            speed = f"{reference[batch_size] / figures['s_per_image']:.2f}x" if batch_size in reference else "-"
+            parity = "-"
+            if figures["max_rel_diff"] is not None:
+                parity = f"{figures['max_rel_diff']:.1e}"
+                print(f"{name} batch {batch_size}: fast path vs eager, max relative difference of loss and LoRA "
+                      f"gradients {parity} (tolerance {tolerance:g})")
+                if not figures["max_rel_diff"] <= tolerance:
+                    failures.append(f"{name} batch {batch_size} ({parity})")
+            row = (f"| {name} | {path} | {batch_size} | {bench.images} | {figures['s_per_image'] * 1e3:.1f} | "
                    f"{figures['flop_per_image'] / 1e9:.1f} | {achieved / 1e12:.2f} | {100 * achieved / rate:.1f} | "
-                   f"{figures['peak_gib']:.1f} |")
+                   f"{figures['peak_gib']:.1f} | {speed} | {parity} |")
             print(row)
             lines.append(row)
+            del bench
+            if path == "fast":  # drop the compiled blocks' caches, which may keep this row's models alive
+                torch._dynamo.reset()
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.output}")
+    if failures:
+        raise SystemExit(f"error: the fast path's loss or gradients differ from the eager path's beyond {tolerance:g}: "
+                         + ", ".join(failures))
 
 
 if __name__ == "__main__":

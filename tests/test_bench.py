@@ -5,24 +5,51 @@ import sys
 
 from tests.conftest import REPO
 
+TINY = ["--scale", "tiny", "--device", "cpu", "--mixed-precision", "no", "--num-inference-steps", "2",
+        "--warmup", "0", "--repeats", "1"]
+
+
+def run_benchmark(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run the benchmark on the tiny world; returns the process and the table's rows as {column: cell}."""
+    output = tmp_path / "speed.md"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), *TINY,
+               "--models-dir", str(tmp_path / "models"), "--output", str(output), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in output.read_text().splitlines()
+            if line.startswith("| ") and "---" not in line]
+    return result, [dict(zip(rows[0], row)) for row in rows[1:]]
+
 
 def test_benchmark_writes_a_row_per_script_and_batch(tmp_path):
     from benchmarks.bench_step import STEPS
 
-    output = tmp_path / "speed.md"
-    command = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--scale", "tiny", "--device", "cpu",
-               "--mixed-precision", "no", "--num-inference-steps", "2", "--batch-sizes", "1", "2", "--warmup", "0",
-               "--repeats", "1", "--models-dir", str(tmp_path / "models"), "--output", str(output),
-               "--scripts", *STEPS]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in output.read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    header, rows = rows[0], rows[1:]
-    assert [(row[0].strip(), int(row[1])) for row in rows] == [(script, b) for script in STEPS for b in (1, 2)]
+    result, rows = run_benchmark(tmp_path, "--batch-sizes", "1", "2", "--scripts", *STEPS)
+    names = ["rocm_kl", *(f"rocm_fdiv[{name}]" for name in ("kl", "reverse_kl", "hellinger", "js", "fisher", "none")),
+             "rlcm_ppo", "cm_dpo"]
+    assert [(row["script"], row["path"], int(row["batch"])) for row in rows] == \
+        [(name, "eager", b) for b in (1, 2) for name in names]
     for row in rows:
-        figures = dict(zip([h.strip() for h in header], [cell.strip() for cell in row]))
-        assert float(figures["ms / image"]) > 0 and float(figures["GFLOP / image"]) > 0
-        assert 0 < float(figures["% of matmul rate"]) < 100
+        assert float(row["ms / image"]) > 0 and float(row["GFLOP / image"]) > 0
+        assert 0 < float(row["% of matmul rate"]) < 100
+        assert float(row["speed vs eager rocm_kl"].rstrip("x")) > 0 and row["parity"] == "-"
+    images = {(row["script"], int(row["batch"])): int(row["images / step"]) for row in rows}
+    # rlcm_ppo samples 4 sampling batches per iteration; cm_dpo 2 samples per prompt of each pair
+    assert (images[("rocm_kl", 2)], images[("rlcm_ppo", 2)], images[("cm_dpo", 2)]) == (2, 8, 4)
+    assert all(row["speed vs eager rocm_kl"] == "1.00x" for row in rows if row["script"] == "rocm_kl")
+
+
+def test_fast_rows_check_parity_and_compare_with_eager_rocm_kl(tmp_path):
+    result, rows = run_benchmark(tmp_path, "--batch-sizes", "1", "--scripts", "rocm_kl", "rlcm_ppo", "--fast",
+                                 "--compile-backend", "eager")
+    assert [(row["script"], row["path"]) for row in rows] == [("rocm_kl", "eager"), ("rocm_kl", "fast"),
+                                                              ("rlcm_ppo", "fast")]
+    assert rows[0]["parity"] == "-" and rows[0]["speed vs eager rocm_kl"] == "1.00x"
+    for row in rows[1:]:
+        assert 0 <= float(row["parity"]) <= 1e-3
+        assert float(row["speed vs eager rocm_kl"].rstrip("x")) > 0
+    printed = [line for line in result.stdout.splitlines() if "fast path vs eager, max relative difference" in line]
+    assert len(printed) == 2
 
 
 def test_unknown_script_is_a_one_line_error(tmp_path):
@@ -30,3 +57,11 @@ def test_unknown_script_is_a_one_line_error(tmp_path):
                              "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: no benchmark for nope; choose from:")
+
+
+def test_unknown_divergence_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--scripts", "rocm_fdiv",
+                             "--divergences", "kl", "hellinga", "--device", "cpu"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown divergence hellinga; choose from: kl,")
