@@ -41,10 +41,12 @@ def assert_same_lora(a: dict, b: dict, atol: float = 0.0) -> None:
 
 
 def assert_same_updates(a: dict, b: dict) -> None:
-    """Equal up to float reduction order. Adam divides by |g| + 1e-8, so the rare gradients near zero
-    that differ in their last bits move by up to lr; a wrong batch split moves nearly every weight."""
+    """Equal up to float reduction order. Adam divides by |g| + 1e-8, so float noise in small gradients is
+    amplified (on some CPUs a quarter of the weights differ by 1e-7 and 5% by 1e-6 after two steps), and
+    the rare gradients near zero move by up to lr; a wrong batch split moves nearly every weight by about
+    lr (1e-2 here), so a weight counts as differing above 1% of lr."""
     assert a.keys() == b.keys()
-    differing = torch.cat([((a[k] - b[k]).abs() > 1e-6).flatten() for k in a]).float().mean().item()
+    differing = torch.cat([((a[k] - b[k]).abs() > 1e-4).flatten() for k in a]).float().mean().item()
     assert differing < 0.01, f"{differing:.1%} of the LoRA weights differ"
 
 
