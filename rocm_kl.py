@@ -177,7 +177,9 @@ def speed_up(unet, vae, channels_last: bool, compile: bool, backend: str = "indu
         vae.to(memory_format=torch.channels_last)
     if compile:
         # adapters on/off, grad on/off, train/eval and batch sizes each add a variant of a block
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        config = torch._dynamo.config  # the limit was called cache_size_limit before torch 2.6
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 64))
         for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks, vae.decoder]:
             if block is not None:
                 block.compile(backend=backend)

@@ -19,7 +19,7 @@ redraws; --force retrains. Writes, under --out: table1.md, beta_sweep.md, beta_s
 curves.png, grids.png and results.json (every number behind them); runs/ and evals/ hold the raw
 run directories and per-run evaluations.
 
-    python benchmarks/experiments.py                               # everything (about 30 minutes, 2 cores)
+    python benchmarks/experiments.py                               # everything (about 45 minutes, 2 cores)
     python benchmarks/experiments.py --experiments beta_sweep --seeds 0
 """
 
