@@ -10,11 +10,13 @@ Usage: python -m tests.tiny_world OUT_DIR [tiny|real]
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from world.build_digits_world import write_word_tokenizer  # noqa: E402  (the same byte-level CLIP vocabulary)
 
 RESOLUTION = 32  # pixels; the tiny VAE downsamples by 2, so latents are 4 x 16 x 16
 TEXT_DIM = 32
@@ -54,36 +56,9 @@ SIZES = {
 PROMPTS = ("a red apple on a table", "a blue bird in the sky", "a green field at dawn", "a cat")
 
 
-def write_char_tokenizer(directory: Path, max_length: int = 77) -> None:
-    """A CLIPTokenizer whose BPE has no merges: every word splits into characters.
-
-    The vocabulary covers CLIP's byte-to-unicode alphabet, each symbol also with the end-of-word
-    marker, so any text tokenizes without unknown tokens.
-    """
-    from transformers import CLIPTokenizer
-
-    symbols = byte_symbols()
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for symbol in symbols:
-        vocab.setdefault(symbol, len(vocab))
-    for symbol in symbols:
-        vocab.setdefault(symbol + "</w>", len(vocab))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
-    tokenizer.save_pretrained(directory)
-
-
-def byte_symbols() -> list[str]:
-    """The GPT-2/CLIP byte-level alphabet: printable bytes as themselves, the rest shifted past 255."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [256 + i for i in range(256 - len(printable))]
-    return [chr(c) for c in printable] + [chr(c) for c in shifted]
-
-
-def vocab_size() -> int:
-    return 2 + 2 * len(byte_symbols())
+def write_char_tokenizer(directory: Path) -> int:
+    """A CLIPTokenizer whose BPE has no merges (every word splits into bytes); returns its vocabulary size."""
+    return len(write_word_tokenizer(directory, words=[], max_length=77))
 
 
 def build_pipeline(directory: Path, seed: int = 0, size: str = "tiny") -> Path:
@@ -97,10 +72,10 @@ def build_pipeline(directory: Path, seed: int = 0, size: str = "tiny") -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(sample_size=latent_side, in_channels=4, out_channels=4, **sizes["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=resolution, **sizes["vae"])
-    write_char_tokenizer(directory / "tokenizer")
+    vocab_size = write_char_tokenizer(directory / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size(), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
         **sizes["text"]))
     scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                              original_inference_steps=50, timestep_scaling=10.0, set_alpha_to_one=True,
@@ -120,20 +95,19 @@ def build_clip_reward(directory: Path, seed: int = 1, aesthetic_head: bool = Fal
     """
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from common import AESTHETIC_HEAD_FILE, aesthetic_mlp, load_reward
 
     sizes = SIZES[size]
     prefix = "aesthetic_" if aesthetic_head and sizes["aesthetic_vision"] else ""
+    vocab_size = write_char_tokenizer(directory)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=vocab_size(), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+        text_config=dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
                          pad_token_id=1, **sizes[f"{prefix}text" if prefix else "reward_text"]),
         vision_config=sizes[f"{prefix}vision" if prefix else "reward_vision"],
         projection_dim=sizes[f"{prefix}projection_dim"],
     )
     model = CLIPModel(config)
-    write_char_tokenizer(directory)
     model.save_pretrained(directory)
     if aesthetic_head:
         head = aesthetic_mlp(config.projection_dim)
