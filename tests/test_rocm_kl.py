@@ -70,10 +70,10 @@ def test_kl_is_exactly_zero_before_the_first_update_and_positive_after(lcm):
     unet = lcm[3]
     reset_lora(unet)
     latents, noises, schedule, embeds, w_embedding = chain_inputs(lcm, 4)
-    _, kl = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding, beta=1.0)
+    _, kl = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding, with_kl=True)
     assert torch.equal(kl, torch.zeros(2))
     perturb_lora(unet)
-    _, kl = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding, beta=1.0)
+    _, kl = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding, with_kl=True)
     assert (kl > 0).all()
 
 
@@ -87,13 +87,56 @@ def test_gradients_equal_with_and_without_checkpointing(tiny, lcm):
     grads = []
     for checkpoint in (False, True):
         latents, noises, schedule, embeds, w_embedding = chain_inputs(lcm, 4)
-        final, kl = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding, beta=0.5,
+        final, kl = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding, with_kl=True,
                                          checkpoint=checkpoint)
         loss = rocm_kl.rocm_loss(reward_fn(rocm_kl.decode(vae, final), PROMPTS), kl, 0.5)
         grads.append(torch.autograd.grad(loss, lora))
     assert any(g.abs().sum() > 0 for g in grads[0])
     for plain, recomputed in zip(*grads):
         assert torch.allclose(plain, recomputed, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("divergence", ["rocm_kl", "hellinger", "js", "fisher"])
+@pytest.mark.parametrize("reference_grad", [True, False])
+def test_regularizer_gradient_is_its_derivative_only_with_reference_grad(tiny, reference_grad, divergence):
+    """float64, checkpointing on: autograd's derivative of the summed divergence (rocm_kl's KL, or a
+    rocm_fdiv divergence, per_dim) along a random LoRA direction against a central finite difference.
+    x_k depends on the LoRA, and so does f_ref(x_k): with the reference a constant at each x_k
+    (reference_grad off) the gradient misses that path and is off."""
+    import rocm_fdiv
+
+    tokenizer, text_encoder, vae, unet, scheduler = rocm_kl.load_lcm(str(tiny["lcm"]), torch.device("cpu"),
+                                                                     torch.float64)
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+    lora = rocm_kl.add_lora(unet, rank=4, alpha=4)
+    unet.double()
+    perturb_lora(unet, scale=0.3)  # away from the base, where the two gradients differ
+    latents, noises, schedule, embeds, w_embedding = chain_inputs((tokenizer, text_encoder, vae, unet, scheduler), 4)
+    chain = (latents.double(), [noise.double() for noise in noises], schedule, embeds, w_embedding.double())
+    generator = torch.Generator().manual_seed(5)
+    start = [p.detach().clone() for p in lora]
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in lora]
+
+    def divergence_at(t: float) -> torch.Tensor:
+        with torch.no_grad():
+            for p, p0, d in zip(lora, start, direction):
+                p.copy_(p0 + t * d)
+        if divergence == "rocm_kl":
+            return rocm_kl.sample_chain(unet, *chain, with_kl=True, reference_grad=reference_grad,
+                                        checkpoint=True)[1].sum()
+        return rocm_fdiv.sample_chain(unet, *chain, divergence, reference_grad=reference_grad,
+                                      checkpoint=True)[1].sum()
+
+    grads = torch.autograd.grad(divergence_at(0.0), lora)
+    autograd = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    with torch.no_grad():
+        h = 1e-4
+        finite_difference = ((divergence_at(h) - divergence_at(-h)) / (2 * h)).item()
+    error = abs(autograd - finite_difference) / abs(finite_difference)
+    if reference_grad:
+        assert error < 1e-3, (autograd, finite_difference)  # the divergences are summed in float32
+    else:
+        assert error > 1e-2, (autograd, finite_difference)
 
 
 def lora_delta_norm(lora_dir: Path) -> float:
