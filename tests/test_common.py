@@ -89,6 +89,17 @@ def test_small_separation_limits():
     assert gaussian_divergence("chi2", mean_p, mean_q, 1.0)[0] == pytest.approx(d2, rel=1e-4)
 
 
+@pytest.mark.parametrize("gap", [1e-5, 1e-4, 1e-3])
+def test_js_quadrature_is_accurate_near_the_base_in_float32(gap):
+    """The training path's dtype: per_dim JS of a 4x64x64 latent, value and gradient, both ~ d2/8 there."""
+    mean_p = torch.full((1, 4, 64, 64), gap, requires_grad=True)
+    value = gaussian_divergence("js", mean_p, torch.zeros(1, 4, 64, 64), 1.0, reduction="per_dim")
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(gap**2 / 8, rel=1e-3)
+    (grad,) = torch.autograd.grad(value.sum(), mean_p)
+    assert torch.allclose(grad, torch.full_like(grad, gap / 4 / grad.numel()), rtol=1e-3)
+
+
 def test_kl_equals_reverse_kl_and_fisher_scales_with_std():
     mean_p, mean_q = torch.randn(4, 10), torch.randn(4, 10)
     assert torch.allclose(gaussian_divergence("kl", mean_p, mean_q, 0.7), gaussian_divergence("reverse_kl", mean_p, mean_q, 0.7))
