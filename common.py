@@ -210,6 +210,9 @@ class ClipReward(nn.Module):
         self.tokenizer = tokenizer
         self.aesthetic_head = aesthetic_head
         self.image_size = clip_model.config.vision_config.image_size
+        # PickScore's temperature, read while the model is still fp32: bf16 stores log(100) as 4.594,
+        # whose exp is 99.0, which would shift every PickScore by -1%
+        self.logit_scale = clip_model.logit_scale.detach().float().exp().item()
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         pixels = clip_preprocess(images.float(), self.image_size).to(self.clip.dtype)
@@ -232,7 +235,7 @@ class ClipReward(nn.Module):
             return self.aesthetic_head(image.to(next(self.aesthetic_head.parameters()).dtype)).squeeze(-1).float()
         cosine = (image * self.text_embeds(prompts)).sum(-1)
         if self.name == "pickscore":
-            return self.clip.logit_scale.exp().float() * cosine
+            return self.logit_scale * cosine
         if self.name == "clipscore":
             return 2.5 * cosine.clamp_min(0.0)  # Hessel et al. 2021, w = 2.5
         return cosine  # hpsv2: the raw cosine, no logit scale
@@ -330,7 +333,7 @@ def load_reward(name: str, path: str | None = None, device: str | torch.device =
         from transformers import AutoTokenizer, CLIPModel
 
         try:
-            clip = CLIPModel.from_pretrained(path, torch_dtype=dtype)
+            clip = CLIPModel.from_pretrained(path, torch_dtype=torch.float32)  # cast below, after the logit scale
             tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(name, path))
             head = _load_aesthetic_head(path) if name == "aesthetic" else None
         except Exception as error:  # hub errors come in many types; all mean the same to the user
@@ -339,6 +342,7 @@ def load_reward(name: str, path: str | None = None, device: str | torch.device =
                 f"could not load reward '{name}' from '{path}' ({first_line}); pass a local directory "
                 f"as {name}=DIR or make the hub reachable") from error
         reward = ClipReward(name, clip, tokenizer, head)
+        clip.to(dtype)
 
     reward.requires_grad_(False)
     return reward.eval().to(device)

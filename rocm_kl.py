@@ -554,6 +554,13 @@ def validate(args: Args) -> None:
         (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
         (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
         (args.lora_rank < 1, f"--lora-rank must be >= 1 (got {args.lora_rank})"),
+        (args.lora_alpha <= 0, f"--lora-alpha must be > 0 (got {args.lora_alpha}; 0 switches the LoRA off)"),
+        (args.weight_decay < 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
+        (args.log_every < 1, f"--log-every must be >= 1 (got {args.log_every})"),
+        (args.eval_every < 0, f"--eval-every must be >= 0 (got {args.eval_every})"),
+        (args.save_every < 0, f"--save-every must be >= 0 (got {args.save_every})"),
+        (args.max_grad_norm <= 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm}; 0 zeroes every update, "
+                                  "a negative value reverses it)"),
         (args.resolution < 1, f"--resolution must be positive (got {args.resolution})"),
         (args.checkpoint_limit < 1, f"--checkpoint-limit must be >= 1 (got {args.checkpoint_limit})"),
     ]
@@ -594,6 +601,9 @@ def main(args: Args) -> None:
     factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    if args.num_inference_steps > scheduler.config.original_inference_steps:
+        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
+                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
     speed_up(unet, vae, args.channels_last, args.compile)
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,

@@ -194,6 +194,26 @@ def test_clip_scores_follow_their_definitions(tiny, name):
         assert torch.allclose(reward(images, PROMPTS), expected, atol=1e-5)
 
 
+def test_pickscore_keeps_its_fp32_logit_scale_under_bf16(tiny, tmp_path):
+    """The real PickScore's scale is exp(log 100) = 100; stored in bf16 it would become exp(4.594) = 99.0."""
+    import shutil
+
+    from transformers import CLIPModel
+
+    shutil.copytree(tiny["clip"], tmp_path / "clip")
+    model = CLIPModel.from_pretrained(tmp_path / "clip")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))
+    model.save_pretrained(tmp_path / "clip")
+    reward = load_reward("pickscore", str(tmp_path / "clip"), dtype=torch.bfloat16)
+    assert next(reward.clip.parameters()).dtype == torch.bfloat16
+    assert reward.logit_scale == pytest.approx(100.0, rel=1e-6)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cosine = (reward.image_embeds(images) * reward.text_embeds(PROMPTS)).sum(-1)
+        assert torch.allclose(reward(images, PROMPTS), 100.0 * cosine)
+
+
 def test_aesthetic_is_the_laion_head_on_normalized_image_embeddings(tiny):
     from common import AESTHETIC_HEAD_FILE, aesthetic_mlp
 
