@@ -83,7 +83,7 @@ class Args:
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
     seed: int = 0
-    """seed of python, numpy, torch and the sampling noise"""
+    """seed of the LoRA initialisation, the prompt draws and the sampling noise (all derived from seed and step)"""
     device: str = "cuda"
     """torch device to train on"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
@@ -960,7 +960,7 @@ def main(args: Args) -> None:
         source = f"online, best and worst of {args.samples_per_prompt} samples per prompt" if online \
             else f"offline, {len(offline.records)} pairs in {args.pairs_file}"
         print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
-              f"{args.batch_size * args.grad_accum * world_size} images per optimizer step (winner-loser pairs, {source})")
+              f"{args.batch_size * args.grad_accum * world_size} pairs per optimizer step ({source})")
         if args.track:
             import wandb
             wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
@@ -1078,7 +1078,7 @@ def main(args: Args) -> None:
                 reward_text = f"reward {metrics['train/reward']:.4f} " if online else ""
                 print(f"step {step}/{args.train_steps} {reward_text}loss_dpo {metrics['train/loss_dpo']:.4f} "
                       f"margin {metrics['train/implicit_margin']:.4f} accuracy {metrics['train/implicit_accuracy']:.2f} "
-                      f"kl {metrics['train/kl']:.4f} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s")
+                      f"kl {metrics['train/kl']:.4f} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} pairs/s")
                 log(metrics, step)
         if args.save_every and step % args.save_every == 0:
             if is_main:

@@ -20,7 +20,7 @@ This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact 
 LatentConsistencyModelPipeline), gradient checkpointing, loss, training, evaluation, logging, saving.
 
 Run (GPU, real model):
-    python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
+    python rocm_fdiv.py --divergence hellinger --beta 650 --reward pickscore --train-steps 2000 --track
 Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
     python rocm_fdiv.py --divergence js --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
         --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --device cpu --mixed-precision no
@@ -55,7 +55,7 @@ class Args:
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
     seed: int = 0
-    """seed of python, numpy, torch and the sampling noise"""
+    """seed of the LoRA initialisation, the prompt draws and the sampling noise (all derived from seed and step)"""
     device: str = "cuda"
     """torch device to train on"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"

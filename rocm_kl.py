@@ -51,7 +51,7 @@ class Args:
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
     seed: int = 0
-    """seed of python, numpy, torch and the sampling noise"""
+    """seed of the LoRA initialisation, the prompt draws and the sampling noise (all derived from seed and step)"""
     device: str = "cuda"
     """torch device to train on"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"

@@ -239,7 +239,7 @@ def test_online_pairs_end_to_end(tiny, run_script):
     result = run_script("cm_dpo.py", *tiny_args(tiny, steps=3), "--lr", "1e-2", "--samples-per-prompt", "3",
                         "--eval-every", "2", "--save-every", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "samples/s" in result.stdout and "best and worst of 3 samples per prompt" in result.stdout
+    assert "pairs/s" in result.stdout and "best and worst of 3 samples per prompt" in result.stdout
     run_dir = run_dir_of(result.stdout)
     train = [m for m in metrics_of(run_dir) if "train/loss" in m]
     assert [m["step"] for m in train] == [1, 2, 3]
