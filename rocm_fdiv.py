@@ -594,8 +594,8 @@ def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     problems = [
         (args.compile and not args.device.startswith("cuda"),
-         "--compile needs a CUDA device: on the CPU, inductor gave wrong LoRA gradients through the UNet's up "
-         "blocks (torch 2.13, tiny test world); drop --compile"),
+         "--compile needs a CUDA device: inductor's CPU backend returns zero gradients through the UNet's "
+         "upsampling blocks (pytorch PR #185873; benchmarks/inductor_gradient_check.py); drop --compile"),
         (args.divergence not in DIVERGENCES,
          f"unknown divergence '{args.divergence}'; choose one of: {', '.join(DIVERGENCES)}"),
         (args.js_estimator != "quadrature" and args.divergence != "js",

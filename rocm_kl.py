@@ -544,8 +544,8 @@ def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     problems = [
         (args.compile and not args.device.startswith("cuda"),
-         "--compile needs a CUDA device: on the CPU, inductor gave wrong LoRA gradients through the UNet's up "
-         "blocks (torch 2.13, tiny test world); drop --compile"),
+         "--compile needs a CUDA device: inductor's CPU backend returns zero gradients through the UNet's "
+         "upsampling blocks (pytorch PR #185873; benchmarks/inductor_gradient_check.py); drop --compile"),
         (args.beta < 0, f"--beta must be >= 0 (got {args.beta})"),
         (args.num_inference_steps < 1, f"--num-inference-steps must be >= 1 (got {args.num_inference_steps})"),
         (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),

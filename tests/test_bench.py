@@ -1,5 +1,7 @@
-"""benchmarks/bench_step.py: the harness runs the scripts' own steps and writes its table (CPU, tiny scale)."""
+"""benchmarks/bench_step.py: the harness runs the scripts' own steps and writes its table (CPU, tiny scale);
+benchmarks/inductor_gradient_check.py: the reason --compile is refused on the CPU."""
 
+import os
 import subprocess
 import sys
 
@@ -65,3 +67,15 @@ def test_unknown_divergence_is_a_one_line_error(tmp_path):
                             timeout=300)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown divergence hellinga; choose from: kl,")
+
+
+def test_the_inductor_gradient_check_finds_the_cpu_bug_and_its_workaround():
+    """Why --compile is refused on the CPU: if the first assertion fails, torch fixed inductor (pytorch PR
+    #185873) and the refusal in the scripts' validate() can go."""
+    check = [sys.executable, str(REPO / "benchmarks" / "inductor_gradient_check.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    default = subprocess.run(check, capture_output=True, text=True, env=env, timeout=600)
+    assert default.returncode != 0 and "frozen weights: compiled input gradient off by 1.0e+00" in default.stdout
+    assert default.stderr.strip().splitlines()[-1].startswith("error: inductor's input gradient is wrong here")
+    workaround = subprocess.run([*check, "--no-layout-optimization"], capture_output=True, text=True, env=env, timeout=600)
+    assert workaround.returncode == 0 and "matches eager" in workaround.stdout
