@@ -96,6 +96,15 @@ def test_gradients_equal_with_and_without_checkpointing(tiny, lcm):
         assert torch.allclose(plain, recomputed, rtol=1e-5, atol=1e-8)
 
 
+def regularized_chain(divergence: str, unet, *chain, **flags):
+    """(final latent, per-sample regularizer) of rocm_kl's chain, or of rocm_fdiv's with that divergence (per_dim)."""
+    import rocm_fdiv
+
+    if divergence == "rocm_kl":
+        return rocm_kl.sample_chain(unet, *chain, with_kl=True, **flags)
+    return rocm_fdiv.sample_chain(unet, *chain, divergence, **flags)[:2]
+
+
 @pytest.mark.parametrize("divergence", ["rocm_kl", "hellinger", "js", "fisher"])
 @pytest.mark.parametrize("reference_grad", [True, False])
 def test_regularizer_gradient_is_its_derivative_only_with_reference_grad(tiny, reference_grad, divergence):
@@ -103,8 +112,6 @@ def test_regularizer_gradient_is_its_derivative_only_with_reference_grad(tiny, r
     rocm_fdiv divergence, per_dim) along a random LoRA direction against a central finite difference.
     x_k depends on the LoRA, and so does f_ref(x_k): with the reference a constant at each x_k
     (reference_grad off) the gradient misses that path and is off."""
-    import rocm_fdiv
-
     tokenizer, text_encoder, vae, unet, scheduler = rocm_kl.load_lcm(str(tiny["lcm"]), torch.device("cpu"),
                                                                      torch.float64)
     torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
@@ -121,11 +128,7 @@ def test_regularizer_gradient_is_its_derivative_only_with_reference_grad(tiny, r
         with torch.no_grad():
             for p, p0, d in zip(lora, start, direction):
                 p.copy_(p0 + t * d)
-        if divergence == "rocm_kl":
-            return rocm_kl.sample_chain(unet, *chain, with_kl=True, reference_grad=reference_grad,
-                                        checkpoint=True)[1].sum()
-        return rocm_fdiv.sample_chain(unet, *chain, divergence, reference_grad=reference_grad,
-                                      checkpoint=True)[1].sum()
+        return regularized_chain(divergence, unet, *chain, reference_grad=reference_grad, checkpoint=True)[1].sum()
 
     grads = torch.autograd.grad(divergence_at(0.0), lora)
     autograd = sum((g * d).sum() for g, d in zip(grads, direction)).item()
