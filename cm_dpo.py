@@ -70,11 +70,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 import tyro
 
-from common import REWARDS, load_reward
+from common import REWARDS, load_reward, missing_local_directory
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 # iCT's pseudo-Huber constant c = 0.00054 * sqrt(dims), here applied to the root-mean-square error
 HUBER_C = 0.00054
+# offline pair images farther than this from a square of the training resolution are refused
+MAX_ASPECT = 4
+MIN_SIDE_DIVISOR = 8
 
 
 @dataclass
@@ -273,26 +276,43 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_text(path: Path, flag: str, fix: str) -> str:
+    """The file's UTF-8 text; an unreadable or binary file (undecodable, or holding NUL bytes) is one line naming flag."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"error: {flag} '{path}' is not UTF-8 text (byte {error.start} is "
+                         f"{error.object[error.start]:#04x}); {fix}")
+    except OSError as error:
+        raise SystemExit(f"error: {flag} '{path}' cannot be read ({error.strerror}); {fix}")
+    if "\0" in text:
+        raise SystemExit(f"error: {flag} '{path}' is a binary file (it holds NUL bytes); {fix}")
+    return text
+
+
+def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_text(path, flag, "pass a text file, one prompt per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
     return prompts
 
 
-def read_pairs(path: str | Path) -> list[dict]:
+def read_pairs(path: str | Path, resolution: int) -> list[dict]:
     """The offline pairs: [{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory.
 
-    Every line is checked before anything is loaded, so a bad line stops the run with its number.
+    Every line is checked before anything is loaded, every image decoded once (open_image), so a bad
+    line stops the run with its number before any model loads, not when its pair is first drawn.
     """
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: --pairs-file '{path}' does not exist; pass a JSONL file of prompt/winner/loser")
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = read_text(path, "--pairs-file", 'write one {"prompt": ..., "winner": ..., "loser": ...} object per line')
+    pairs, checked = [], set()
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -307,6 +327,9 @@ def read_pairs(path: str | Path) -> list[dict]:
             if not image.is_file():
                 raise SystemExit(f"error: --pairs-file '{path}' line {number}: {key} image '{image}' does not exist; "
                                  "fix the path (relative paths start at the JSONL file's directory)")
+            if image not in checked:
+                open_image(str(image), resolution, f"--pairs-file '{path}' line {number}: {key} image '{image}'").close()
+                checked.add(image)
             record[key] = str(image)
         pairs.append({"prompt": record["prompt"], "winner": record["winner"], "loser": record["loser"], "line": number})
     if not pairs:
@@ -314,15 +337,43 @@ def read_pairs(path: str | Path) -> list[dict]:
     return pairs
 
 
+def open_image(path: str, resolution: int, where: str):
+    """The image fully decoded to RGB (a PIL image), or a one-line error starting with `where`.
+
+    Its size is read from the header first: more pixels than PIL's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS) are refused before decoding, which bounds the memory; so are images
+    too far from resolution x resolution for the short-side resize and center crop of load_image,
+    an aspect ratio above MAX_ASPECT or a shorter side below resolution / MIN_SIDE_DIVISOR.
+    """
+    import warnings
+
+    from PIL import Image
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise SystemExit(f"error: {where} is empty (0 bytes); fix or remove the line")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice its limit
+            with Image.open(path) as image:
+                short, long = sorted(image.size)
+                if long > MAX_ASPECT * short or short * MIN_SIDE_DIVISOR < resolution:
+                    raise SystemExit(
+                        f"error: {where} is {image.width}x{image.height} pixels, too far from the training resolution "
+                        f"{resolution}x{resolution} (refused: an aspect ratio above {MAX_ASPECT} or a shorter side below "
+                        f"{resolution / MIN_SIDE_DIVISOR:g} = resolution / {MIN_SIDE_DIVISOR}); crop or resize it, or "
+                        "remove the line")
+                return image.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise SystemExit(f"error: {where} is too large to decode ({error}); resize it or remove the line")
+    except Exception as error:  # PIL raises several types for unreadable or truncated files
+        raise SystemExit(f"error: {where} cannot be read as an image ({error}); fix or remove the line")
+
+
 def load_image(path: str, resolution: int, line: int) -> torch.Tensor:
     """An RGB image, short side resized to resolution and center-cropped, as (3, H, W) in [-1, 1]."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except Exception as error:  # PIL raises several types for unreadable files
-        raise SystemExit(f"error: pairs file line {line}: cannot read image '{path}' ({error}); fix or remove the line")
+    image = open_image(path, resolution, f"pairs file line {line}: image '{path}'")
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((width, height), Image.BICUBIC)
@@ -343,6 +394,16 @@ def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 # The LCM sampling chain
 # --------------------------------------------------------------------------------------------
+
+def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
+    """One warning for the prompts longer than the text encoder's token limit (encode_prompts cuts them silently)."""
+    unique = list(dict.fromkeys(prompts))
+    lengths = [len(ids) for ids in tokenizer(unique, truncation=False, verbose=False).input_ids]
+    cut = [prompt for prompt, length in zip(unique, lengths) if length > tokenizer.model_max_length]
+    if cut:
+        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
+              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
+
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
@@ -852,8 +913,32 @@ def vae_scale(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def validate_shared(args: Args) -> None:
+    """The checks every script makes identically: finite floats, seed and guidance ranges, local directories."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not np.isfinite(value):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
+    if not 0 <= args.seed < 2**32:
+        raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
+    if args.guidance_scale < 1:
+        raise SystemExit(f"error: --guidance-scale must be >= 1: the LCM is conditioned on w = guidance_scale - 1, "
+                         f"which must be >= 0 (got {args.guidance_scale})")
+    problem = missing_local_directory(args.model)
+    if problem:
+        raise SystemExit(f"error: --model directory '{args.model}' {problem}; pass an existing local pipeline "
+                         "directory or a hub id (org/name)")
+    for flag, specs in (("--reward", [args.reward]), ("--eval-rewards", args.eval_rewards)):
+        for spec in specs:
+            name, _, path = spec.partition("=")
+            problem = missing_local_directory(path) if path and name != "imagereward" else None
+            if problem:  # imagereward also takes a checkpoint file
+                raise SystemExit(f"error: {flag} {spec}: could not load reward '{name}': directory '{path}' {problem}; "
+                                 f"pass an existing local directory as {name}=DIR or a hub id")
+
+
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
+    validate_shared(args)
     problems = [
         (args.compile and not args.device.startswith("cuda"),
          "--compile needs a CUDA device: inductor's CPU backend returns zero gradients through the UNet's "
@@ -901,8 +986,8 @@ def main(args: Args) -> None:
     validate(args)
     online = args.pairs == "online"
     train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt") if online else None
-    offline = OfflinePairs(args, read_pairs(args.pairs_file)) if not online else None
-    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt")
+    offline = OfflinePairs(args, read_pairs(args.pairs_file, args.resolution)) if not online else None
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     torch.manual_seed(args.seed)
@@ -923,6 +1008,8 @@ def main(args: Args) -> None:
             print(f"warning: skipping evaluation reward: {error}")
 
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    if is_main:
+        warn_truncated_prompts(tokenizer, (train_prompts if online else [r["prompt"] for r in offline.records]) + eval_prompts)
     factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")

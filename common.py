@@ -188,6 +188,20 @@ def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     return (images - mean) / std
 
 
+def missing_local_directory(path: str) -> str | None:
+    """Why `path`, written as a local directory, is not one ("does not exist", "is not a directory"); None otherwise.
+
+    A hub id is "name" or "org/name"; a path starting with / . ~, with more than one '/', with a
+    backslash, or whose first part is a local directory cannot be one, so the hub's "Repo id must
+    be in the form..." would only hide a mistyped local directory.
+    """
+    local = (path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
+             or ("/" in path and os.path.isdir(path.split("/")[0])))
+    if not local or os.path.isdir(path):  # no ~ expansion: the loaders do not expand it either
+        return None
+    return "is not a directory" if os.path.exists(path) else "does not exist"
+
+
 def _tokenizer_source(name: str, path: str) -> str:
     """Local directories carry their own tokenizer; hub weights without one use the default."""
     if os.path.isdir(path):
@@ -332,6 +346,10 @@ def load_reward(name: str, path: str | None = None, device: str | torch.device =
     else:
         from transformers import AutoTokenizer, CLIPModel
 
+        problem = missing_local_directory(path)
+        if problem:
+            raise FileNotFoundError(f"could not load reward '{name}': directory '{path}' {problem}; pass an existing "
+                                    f"local directory as {name}=DIR or a hub id")
         try:
             clip = CLIPModel.from_pretrained(path, torch_dtype=torch.float32)  # cast below, after the logit scale
             tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(name, path))

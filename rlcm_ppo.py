@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 import tyro
 
-from common import REWARDS, load_reward
+from common import REWARDS, load_reward, missing_local_directory
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
@@ -242,11 +242,26 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_text(path: Path, flag: str, fix: str) -> str:
+    """The file's UTF-8 text; an unreadable or binary file (undecodable, or holding NUL bytes) is one line naming flag."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SystemExit(f"error: {flag} '{path}' is not UTF-8 text (byte {error.start} is "
+                         f"{error.object[error.start]:#04x}); {fix}")
+    except OSError as error:
+        raise SystemExit(f"error: {flag} '{path}' cannot be read ({error.strerror}); {fix}")
+    if "\0" in text:
+        raise SystemExit(f"error: {flag} '{path}' is a binary file (it holds NUL bytes); {fix}")
+    return text
+
+
+def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_text(path, flag, "pass a text file, one prompt per line")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
     return prompts
@@ -263,6 +278,16 @@ def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 # The LCM policy
 # --------------------------------------------------------------------------------------------
+
+def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
+    """One warning for the prompts longer than the text encoder's token limit (encode_prompts cuts them silently)."""
+    unique = list(dict.fromkeys(prompts))
+    lengths = [len(ids) for ids in tokenizer(unique, truncation=False, verbose=False).input_ids]
+    cut = [prompt for prompt, length in zip(unique, lengths) if length > tokenizer.model_max_length]
+    if cut:
+        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
+              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
+
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
@@ -685,8 +710,32 @@ def evaluate(args: Args, models, schedule: Schedule, prompts: list[str], eval_re
     return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
 
 
+def validate_shared(args: Args) -> None:
+    """The checks every script makes identically: finite floats, seed and guidance ranges, local directories."""
+    for name, value in asdict(args).items():
+        if isinstance(value, float) and not np.isfinite(value):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
+    if not 0 <= args.seed < 2**32:
+        raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
+    if args.guidance_scale < 1:
+        raise SystemExit(f"error: --guidance-scale must be >= 1: the LCM is conditioned on w = guidance_scale - 1, "
+                         f"which must be >= 0 (got {args.guidance_scale})")
+    problem = missing_local_directory(args.model)
+    if problem:
+        raise SystemExit(f"error: --model directory '{args.model}' {problem}; pass an existing local pipeline "
+                         "directory or a hub id (org/name)")
+    for flag, specs in (("--reward", [args.reward]), ("--eval-rewards", args.eval_rewards)):
+        for spec in specs:
+            name, _, path = spec.partition("=")
+            problem = missing_local_directory(path) if path and name != "imagereward" else None
+            if problem:  # imagereward also takes a checkpoint file
+                raise SystemExit(f"error: {flag} {spec}: could not load reward '{name}': directory '{path}' {problem}; "
+                                 f"pass an existing local directory as {name}=DIR or a hub id")
+
+
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
+    validate_shared(args)
     problems = [
         (args.compile and not args.device.startswith("cuda"),
          "--compile needs a CUDA device: inductor's CPU backend returns zero gradients through the UNet's "
@@ -734,7 +783,7 @@ def validate(args: Args) -> None:
 def main(args: Args) -> None:
     validate(args)
     train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
-    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt")
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     torch.manual_seed(args.seed)
@@ -753,6 +802,8 @@ def main(args: Args) -> None:
             print(f"warning: skipping evaluation reward: {error}")
 
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    if is_main:
+        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
     factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")

@@ -72,7 +72,7 @@ def offline_batch(lcm, args, pairs_file, step=1):
     tokenizer, text_encoder, vae, unet, scheduler, _ = lcm
     schedule = cm_dpo.lcm_schedule(scheduler, args.num_inference_steps, "cpu")
     w_row = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 1, "cpu")
-    offline = cm_dpo.OfflinePairs(args, cm_dpo.read_pairs(pairs_file))
+    offline = cm_dpo.OfflinePairs(args, cm_dpo.read_pairs(pairs_file, args.resolution))
     batch = offline.batch((tokenizer, text_encoder, vae, unet), schedule, step, 0, 0, 1, LATENT_SHAPE, w_row, 50,
                           torch.device("cpu"), contextlib.nullcontext())
     return batch, schedule, w_row.expand(2 * args.batch_size, -1)
@@ -292,7 +292,7 @@ def test_a_bad_pairs_file_line_is_a_one_line_error_naming_it(pairs_file, tmp_pat
     bad.write_text(pairs_file.read_text().splitlines()[0] + "\n" + line + "\n")
     (tmp_path / "images").symlink_to(pairs_file.parent / "images")
     with pytest.raises(SystemExit) as raised:
-        cm_dpo.read_pairs(bad)
+        cm_dpo.read_pairs(bad, 32)
     text = str(raised.value)
     assert text.startswith("error: ") and message in text and "\n" not in text, text
 
@@ -321,3 +321,73 @@ def test_bad_flags_are_one_line_errors(tiny, flags, message, capsys):
     with pytest.raises(SystemExit) as raised:
         cm_dpo.main(args)
     assert str(raised.value).startswith("error: ") and message in str(raised.value)
+
+
+def write_bad_image(path, kind):
+    """An image file that must not reach training: empty, not an image, truncated, or far from the resolution."""
+    from PIL import Image
+
+    if kind == "0-byte file":
+        path.write_bytes(b"")
+    elif kind == "non-image file":
+        path.write_text("this is a text file, not a PNG\n")
+    elif kind == "truncated PNG":  # the header (and size) are intact: only decoding finds it
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    else:
+        width, height = {"1x1": (1, 1), "1x300000": (1, 300_000), "aspect 6": (32, 192)}[kind]
+        Image.new("RGB", (width, height)).save(path)
+
+
+BAD_IMAGES = {"0-byte file": "is empty (0 bytes)", "non-image file": "cannot be read as an image",
+              "truncated PNG": "cannot be read as an image", "1x1": "is 1x1 pixels, too far from the training resolution",
+              "1x300000": "is 1x300000 pixels, too far", "aspect 6": "is 32x192 pixels, too far"}
+
+
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_every_pair_image_is_decoded_and_sized_before_training(pairs_file, tmp_path, kind):
+    lines = pairs_file.read_text().splitlines()
+    bad_image = tmp_path / "bad.png"
+    write_bad_image(bad_image, kind)
+    (tmp_path / "images").symlink_to(pairs_file.parent / "images")
+    bad = tmp_path / "pairs.jsonl"  # the bad image on the last line, as the loser
+    bad.write_text("\n".join([*lines, *lines, json.dumps({"prompt": "a cat", "winner": str(pairs_file.parent / "images"
+                                                                                          / "winner_0.png"),
+                                                          "loser": "bad.png"})]) + "\n")
+    with pytest.raises(SystemExit) as raised:
+        cm_dpo.read_pairs(bad, 32)
+    text = str(raised.value)
+    assert text.startswith(f"error: --pairs-file '{bad}' line 5: loser image '{bad_image}' {BAD_IMAGES[kind]}"), text
+    assert "\n" not in text
+    if "too far" in text:
+        assert "aspect ratio above 4" in text and "shorter side below 4 = resolution / 8" in text
+
+
+def test_pair_images_with_more_pixels_than_the_decoding_limit_are_refused_from_the_header(pairs_file, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 - 1)  # the 32x32 winners now exceed it
+    with pytest.raises(SystemExit, match=r"line 1: winner image .* is too large to decode \(Image size \(1024 pixels\)"):
+        cm_dpo.read_pairs(pairs_file, 32)
+
+
+def test_a_binary_pairs_file_is_one_line(tmp_path):
+    binary = tmp_path / "pairs.jsonl"
+    binary.write_bytes(b"\xff\xd8\xff\xe0 a JPEG, not JSONL")
+    with pytest.raises(SystemExit, match=f"^error: --pairs-file '{binary}' is not UTF-8 text \\(byte 0 is 0xff\\)"):
+        cm_dpo.read_pairs(binary, 32)
+
+
+def test_an_empty_image_on_the_last_line_stops_the_script_before_any_model_loads(tiny, run_script, pairs_file,
+                                                                                 tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "images").symlink_to(pairs_file.parent / "images")
+    bad = tmp_path / "pairs.jsonl"
+    winner = pairs_file.parent / "images" / "winner_0.png"
+    bad.write_text(pairs_file.read_text() + json.dumps({"prompt": "a cat", "winner": str(winner), "loser": "empty.png"}))
+    result = run_script("cm_dpo.py", *tiny_args(tiny), "--pairs", "offline", "--pairs-file", str(bad))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: --pairs-file '{bad}' line 3: loser image '{tmp_path / 'empty.png'}' is empty (0 bytes); "
+        "fix or remove the line"]
+    assert result.stdout == "" and not (tmp_path / "runs").exists()  # nothing loaded, no run directory

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common import DIVERGENCES, gaussian_divergence, load_reward
+from common import DIVERGENCES, gaussian_divergence, load_reward, missing_local_directory
 
 CLOSED_FORMS = [name for name in DIVERGENCES if name != "none"]
 NUM_SAMPLES = 400_000
@@ -249,3 +249,18 @@ def test_reward_errors_name_the_fix(tmp_path):
     except ImportError:
         with pytest.raises(ImportError, match="pip install image-reward"):
             load_reward("imagereward")
+
+
+def test_a_missing_local_reward_directory_is_named_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as raised:
+        load_reward("clipscore", str(tmp_path / "missing"))
+    assert f"directory '{tmp_path / 'missing'}' does not exist" in str(raised.value)
+    assert "Repo id" not in str(raised.value)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert missing_local_directory(str(tmp_path / "weights.bin")) == "is not a directory"
+    for path in ["./clip", "../clip", "~/clip", "/clip", "a/b/c", "models/clip", "C:\\clip"]:
+        assert missing_local_directory(path) == "does not exist", path
+    for hub_id_or_directory in ["openai/clip-vit-large-patch14", "clip", str(tmp_path), "models", "./models"]:
+        assert missing_local_directory(hub_id_or_directory) is None, hub_id_or_directory

@@ -1,6 +1,8 @@
 """Flags every script shares: impossible values stop with one line naming the flag, before training."""
 
+import dataclasses
 import importlib
+import itertools
 
 import pytest
 import tyro
@@ -39,3 +41,86 @@ def test_cm_dpo_rejects_a_negative_last_step_budget():
     cm_dpo = importlib.import_module("cm_dpo")
     with pytest.raises(SystemExit, match="^error: --last-step-budget must be >= 0"):
         cm_dpo.validate(tyro.cli(cm_dpo.Args, args=["--device", "cpu", "--last-step-budget", "-1"]))
+
+
+def assert_one_line_error(result, flag):
+    """Exit code != 0, and stderr is one line, "error: ...", naming the flag; no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", ["lr nan", "beta inf", "seed -1", "guidance below 1", "missing model directory",
+                                  "missing reward directory", "missing eval reward directory", "binary prompts file"])
+def test_bad_input_stops_with_one_early_line(script, case, run_script, tmp_path):
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    beta = "--clip-range" if script == "rlcm_ppo" else "--beta"  # rlcm_ppo has no beta; another float flag
+    flags, flag, message = {
+        "lr nan": (["--lr", "nan"], "--lr", "--lr must be a finite number (got nan)"),
+        "beta inf": ([beta, "inf"], beta, f"{beta} must be a finite number (got inf)"),
+        "seed -1": (["--seed", "-1"], "--seed", "--seed must be in [0, 2**32) (got -1)"),
+        "guidance below 1": (["--guidance-scale", "0.5"], "--guidance-scale", "w = guidance_scale - 1"),
+        "missing model directory": (["--model", str(tmp_path / "no_such_lcm")], "--model",
+                                    f"'{tmp_path / 'no_such_lcm'}' does not exist"),
+        "missing reward directory": (["--reward", "aesthetic=./no_such_clip"], "--reward aesthetic=./no_such_clip",
+                                     "directory './no_such_clip' does not exist"),
+        "missing eval reward directory": (["--eval-rewards", "clipscore", f"pickscore={tmp_path}/a/b"],
+                                          "--eval-rewards", f"directory '{tmp_path}/a/b' does not exist"),
+        "binary prompts file": (["--prompts-file", str(binary)], "--prompts-file", "is not UTF-8 text"),
+    }[case]
+    line = assert_one_line_error(run_script(f"{script}.py", *flags), flag)
+    assert message in line and "Repo id" not in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_float_flag_refuses_nan_and_inf(script):
+    module = importlib.import_module(script)
+    floats = [f.name for f in dataclasses.fields(module.Args) if f.type == "float"]
+    assert {"lr", "guidance_scale", "max_grad_norm"} <= set(floats)
+    for name, value in itertools.product(floats, ["nan", "inf", "-inf"]):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit, match=f"^error: {flag} must be a finite number"):
+            module.validate(tyro.cli(module.Args, args=["--device", "cpu", flag, value]))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_seeds_outside_0_to_2_32_are_refused_and_org_name_stays_a_hub_id(script):
+    module = importlib.import_module(script)
+    for seed in ["-1", str(2**32), str(2**64)]:
+        with pytest.raises(SystemExit, match=r"^error: --seed must be in \[0, 2\*\*32\)"):
+            module.validate(tyro.cli(module.Args, args=["--device", "cpu", "--seed", seed]))
+    # the largest seed, a guidance scale of exactly 1 (w = 0) and hub ids (org/name) pass
+    module.validate(tyro.cli(module.Args, args=["--device", "cpu", "--seed", str(2**32 - 1), "--guidance-scale", "1",
+                                                "--model", "someone/some-lcm", "--reward", "aesthetic=someone/clip"]))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00", b"a cat\x00\x00\x00\n"])
+def test_a_binary_eval_prompts_file_is_one_line_naming_its_flag(script, content, tmp_path):
+    module = importlib.import_module(script)
+    binary = tmp_path / "eval.bin"
+    binary.write_bytes(content)
+    args = tyro.cli(module.Args, args=["--device", "cpu", "--eval-prompts-file", str(binary)])
+    with pytest.raises(SystemExit, match=f"^error: --eval-prompts-file '{binary}' is (not UTF-8 text|a binary file)"):
+        module.main(args)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_prompts_cut_at_the_token_limit_give_one_warning(tiny, script, one_torch_thread, tmp_path, capsys):
+    module = importlib.import_module(script)
+    long_prompt = "a very long prompt about " + "many red apples and " * 6
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a cat\n{long_prompt}1\n{long_prompt}2\n{long_prompt}1\n")
+    args = tyro.cli(module.Args, args=[*tiny_args(tiny, steps=1), "--eval-rewards", "--device", "cpu",
+                                       "--mixed-precision", "no", "--prompts-file", str(prompts), "--eval-prompts-file",
+                                       str(prompts), "--output-dir", str(tmp_path / "runs"), "--batch-size", "1",
+                                       "--sample-batches" if script == "rlcm_ppo" else "--grad-accum", "1",
+                                       *(["--train-batch-size", "3"] if script == "rlcm_ppo" else [])])
+    module.main(args)
+    output = capsys.readouterr()
+    warnings = [line for line in (output.out + output.err).splitlines() if "longer than the text encoder" in line]
+    assert warnings == [f"warning: 2 of 3 prompts are longer than the text encoder's limit of 77 tokens and are cut "
+                        f"to it, e.g. '{long_prompt[:50]}...'; shorten them"]
