@@ -627,15 +627,15 @@ def validate_shared(args: Args) -> None:
                          f"which must be >= 0 (got {args.guidance_scale})")
     problem = missing_local_directory(args.model)
     if problem:
-        raise SystemExit(f"error: --model directory '{args.model}' {problem}; pass an existing local pipeline "
-                         "directory or a hub id (org/name)")
+        raise SystemExit(f"error: could not load the LCM pipeline: --model directory '{args.model}' {problem}; pass an "
+                         "existing local pipeline directory or a hub id (org/name)")
     for flag, specs in (("--reward", [args.reward]), ("--eval-rewards", args.eval_rewards)):
         for spec in specs:
             name, _, path = spec.partition("=")
             problem = missing_local_directory(path) if path and name != "imagereward" else None
             if problem:  # imagereward also takes a checkpoint file
-                raise SystemExit(f"error: {flag} {spec}: could not load reward '{name}': directory '{path}' {problem}; "
-                                 f"pass an existing local directory as {name}=DIR or a hub id")
+                raise SystemExit(f"error: could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
+                                 f"existing local directory as {name}=DIR or a hub id")
 
 
 def validate(args: Args) -> None:

@@ -64,11 +64,11 @@ def test_bad_input_stops_with_one_early_line(script, case, run_script, tmp_path)
         "seed -1": (["--seed", "-1"], "--seed", "--seed must be in [0, 2**32) (got -1)"),
         "guidance below 1": (["--guidance-scale", "0.5"], "--guidance-scale", "w = guidance_scale - 1"),
         "missing model directory": (["--model", str(tmp_path / "no_such_lcm")], "--model",
-                                    f"'{tmp_path / 'no_such_lcm'}' does not exist"),
-        "missing reward directory": (["--reward", "aesthetic=./no_such_clip"], "--reward aesthetic=./no_such_clip",
-                                     "directory './no_such_clip' does not exist"),
+                                    f"--model directory '{tmp_path / 'no_such_lcm'}' does not exist"),
+        "missing reward directory": (["--reward", "aesthetic=./no_such_clip"], "--reward",
+                                     "--reward directory './no_such_clip' does not exist"),
         "missing eval reward directory": (["--eval-rewards", "clipscore", f"pickscore={tmp_path}/a/b"],
-                                          "--eval-rewards", f"directory '{tmp_path}/a/b' does not exist"),
+                                          "--eval-rewards", f"--eval-rewards directory '{tmp_path}/a/b' does not exist"),
         "binary prompts file": (["--prompts-file", str(binary)], "--prompts-file", "is not UTF-8 text"),
     }[case]
     line = assert_one_line_error(run_script(f"{script}.py", *flags), flag)
