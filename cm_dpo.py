@@ -277,7 +277,7 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
 
 
 def read_text(path: Path, flag: str, fix: str) -> str:
-    """The file's UTF-8 text; an unreadable or binary file (undecodable, or holding NUL bytes) is one line naming flag."""
+    """The file's UTF-8 text; an unreadable or binary (undecodable, NUL bytes) file is one line naming flag."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -1009,7 +1009,8 @@ def main(args: Args) -> None:
 
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
     if is_main:
-        warn_truncated_prompts(tokenizer, (train_prompts if online else [r["prompt"] for r in offline.records]) + eval_prompts)
+        training_prompts = train_prompts if online else [record["prompt"] for record in offline.records]
+        warn_truncated_prompts(tokenizer, training_prompts + eval_prompts)
     factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")

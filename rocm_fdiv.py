@@ -226,7 +226,7 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
 
 
 def read_text(path: Path, flag: str, fix: str) -> str:
-    """The file's UTF-8 text; an unreadable or binary file (undecodable, or holding NUL bytes) is one line naming flag."""
+    """The file's UTF-8 text; an unreadable or binary (undecodable, NUL bytes) file is one line naming flag."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:

@@ -138,7 +138,7 @@ def main(args: Args) -> dict[str, float]:
     device = torch.device(args.device)
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")
-    prompts = rocm_kl.read_prompts(args.eval_prompts_file or rocm_kl.PROMPTS_DIR / "eval.txt")
+    prompts = rocm_kl.read_prompts(args.eval_prompts_file or rocm_kl.PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     prompts = [prompt for prompt in prompts for _ in range(args.samples_per_prompt)]
 
     models = load_models(args, device, dtype)
