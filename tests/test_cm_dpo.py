@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cm_dpo
 from tests.conftest import run_dir_of, tiny_args
@@ -197,6 +198,26 @@ def test_the_seed_form_ignores_where_the_chains_went_and_pushes_the_winner_away(
     (winner_before, loser_before), (winner_after, loser_after) = before.chunk(2), after.chunk(2)
     assert (winner_after > winner_before).all()
     assert (winner_after - loser_after > winner_before - loser_before).all()
+
+
+@pytest.mark.parametrize("dpo_form", ["logratio", "seed"])
+def test_swapping_winner_and_loser_reverses_the_gradient(lcm, pairs_file, dpo_form):
+    """Both forms' losses are antisymmetric in the pair's order, so reversed preferences push the policy the other
+    way (the seed form too; the digits-world runs in benchmarks/results/cm_dpo_beta.md show the same)."""
+    set_lora(lcm, scale=0.02)
+    args = make_args(dpo_form=dpo_form)
+    batch, schedule, w_embedding = offline_batch(lcm, args, pairs_file)
+    swap = torch.cat([torch.arange(2, 4), torch.arange(0, 2)])
+    swapped = dataclasses.replace(batch, states=[state[swap] for state in batch.states], embeds=batch.embeds[swap])
+    objective = objective_of(lcm, args, schedule)
+
+    def gradient(pairs):
+        loss, _ = objective(pairs, w_embedding, 1.0)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, lcm[5])])
+
+    preferred, reversed_ = gradient(batch), gradient(swapped)
+    assert preferred.norm() > 0
+    assert F.cosine_similarity(preferred, reversed_, dim=0) < -0.99
 
 
 @pytest.mark.parametrize("con_loss", ["l2", "huber"])
