@@ -127,7 +127,7 @@ class Args:
     eval_prompts_file: Optional[str] = None
     """held-out evaluation prompts, one per line (default: the repo's prompts/eval.txt)"""
     train_steps: int = 100
-    """number of PPO iterations (each: sample, score, then --ppo-epochs passes of minibatch updates); RLCM ran 1,000 (its 100 epochs x 10 iterations)"""
+    """number of PPO iterations (each: sample, score, then --ppo-epochs passes of minibatch updates); RLCM ran 1000 (its 100 epochs x 10 iterations)"""
     batch_size: int = 8
     """images per sampling batch (RLCM: 8 per GPU for aesthetic, 4 for compressibility)"""
     sample_batches: int = 4
