@@ -8,19 +8,24 @@ alpha, sigma of the next timestep t'. A trajectory's log-likelihood ratio agains
 
     log p_theta(x_{k-1} | x_k) - log p_ref(x_{k-1} | x_k)
         = w_k / 2 * (||x_{k-1} - a_k f_ref(x_k)||^2 - ||x_{k-1} - a_k f_theta(x_k)||^2),
-    w_k = 1 / max(s_k^2, eps^2)   (the seed's weighting: the step's precision, floored),
+    w_k = 1 / max(s_k^2, eps^2)   (the seed's weighting: the step's precision, floored).
 
-summed over all latent dimensions (the exact log-density ratio, so beta is DPO's beta: the weight
-of an implicit trajectory KL penalty; at 512 px there are 16,384 latent dimensions per step, so
-beta is small). DPO on a winner chain w and a loser chain l of the same prompt minimizes
+CM-DPO divides each step's term by the number of latent dimensions D (a mean over dimensions of the
+per-dimension terms, as RLCM's log-probability and Diffusion-DPO's per-pixel error are), so beta
+means the same at every resolution (D = 16,384 at 512 px, 256 in the digits world): beta / D is
+DPO's beta on the exact log-ratio, the weight of an implicit trajectory-KL penalty. DPO on a winner
+chain w and a loser chain l of the same prompt minimizes
 
-    L_DPO = -log sigmoid(beta * sum_k [logratio_k(w) - logratio_k(l)])
+    L_DPO = -log sigmoid(beta / D * sum_k [logratio_k(w) - logratio_k(l)])
     L     = L_DPO + con_weight * L_con (+ multiplier * ||f_theta - f_ref||^2 on the last step, --last-step constrain)
 
-The sign problem (DESIGN.md section 4): the seed writes each log-ratio as its expectation, the
-divergence w_k / 2 * ||a_k (f_theta - f_ref)||^2 >= 0, which makes L_DPO push the WINNER away from
-the reference (and has exactly zero gradient at the start, where f_theta = f_ref). That literal form
-is kept as --dpo-form seed for comparison; the default --dpo-form logratio is the consistent one.
+The logged train/kl is the exact KL of the stochastic steps (summed over dimensions, not divided by D).
+
+The sign problem: the seed writes each log-ratio as its expectation, the divergence
+w_k / 2 * ||a_k (f_theta - f_ref)||^2 >= 0 (also divided by D here), which makes L_DPO push the WINNER
+away from the reference (and has exactly zero gradient at the start, where f_theta = f_ref). That
+literal form is kept as --dpo-form seed for comparison; the default --dpo-form logratio is the
+consistent one.
 
 The last step returns f(x_1) without noise, so its log-ratio is undefined: --last-step drop leaves it
 out, smooth (default) gives it the floor variance eps^2, constrain leaves it out of L_DPO and adds
@@ -43,8 +48,8 @@ This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact 
 LatentConsistencyModelPipeline), pair construction, losses, training, evaluation, logging, saving.
 
 Run (GPU, real model):
-    python cm_dpo.py --reward pickscore --beta 0.1 --train-steps 2000 --track
-    python cm_dpo.py --pairs offline --pairs-file pairs.jsonl --beta 0.1 --train-steps 2000 --track
+    python cm_dpo.py --reward pickscore --beta 0.3 --train-steps 2000 --track
+    python cm_dpo.py --pairs offline --pairs-file pairs.jsonl --beta 0.3 --train-steps 2000 --track
 Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
     python cm_dpo.py --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
         --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --num-inference-steps 4 --batch-size 2 \
@@ -149,8 +154,8 @@ class Args:
     """online pairs: training prompts, one per line (default: the repo's prompts/train.txt)"""
     eval_prompts_file: Optional[str] = None
     """held-out evaluation prompts, one per line (default: the repo's prompts/eval.txt)"""
-    beta: float = 0.1
-    """DPO temperature on the trajectory log-ratio (summed over latent dimensions and steps, so small)"""
+    beta: float = 0.3
+    """DPO temperature on the trajectory log-ratio per latent dimension (each step's log-ratio divided by the latent's size, so it means the same at every resolution)"""
     dpo_form: Literal["logratio", "seed"] = "logratio"
     """per-step term: the exact log-ratio, or the seed's literal divergence from the reference (pushes winners away)"""
     eps: float = 0.1
@@ -615,9 +620,11 @@ class CmDpoObjective(torch.nn.Module):
         return consistency_fn(self.unet, x, step, embeds, w_embedding)
 
     def trajectory_terms(self, batch: PairBatch, w_embedding) -> dict:
-        """Per chain (2b,): the summed per-step DPO terms, the KL of the stochastic steps, the last-step gap."""
+        """Per chain (2b,): the per-step DPO terms (each a mean over latent dimensions) summed over steps, the
+        exact KL of the stochastic steps (summed over dimensions), the last-step gap."""
         args = self.args
         zeros = batch.states[0].new_zeros(batch.states[0].shape[0], dtype=torch.float32)
+        dims = batch.states[0][0].numel()
         total, kl, last_gap = zeros, zeros, zeros
         for i, step in enumerate(self.schedule):
             last = step.alpha_next is None
@@ -630,10 +637,11 @@ class CmDpoObjective(torch.nn.Module):
                 break
             a, variance = transition(step)
             weight = step_weight(variance, args.eps).to(zeros.device)
+            # divided by the latent's dimensions, so beta means the same at every resolution
             if args.dpo_form == "logratio":
-                total = total + step_log_ratio(batch.states[i + 1], a * f_policy, a * f_ref, weight)
+                total = total + step_log_ratio(batch.states[i + 1], a * f_policy, a * f_ref, weight) / dims
             else:
-                total = total + step_divergence(a * f_policy, a * f_ref, weight)
+                total = total + step_divergence(a * f_policy, a * f_ref, weight) / dims
             if not last:
                 kl = kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
         return {"total": total, "kl": kl, "last_gap": last_gap}

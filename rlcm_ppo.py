@@ -19,13 +19,20 @@ is the return. Each PPO iteration (one of --train-steps):
 4. runs --ppo-epochs passes over the shuffled (sample, step) pairs in minibatches of
    --train-batch-size, recomputing log p_k(x_{k-1} | x_k) with the current LoRA and minimizing
    the clipped objective max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(log p - log p_old),
-   stepping AdamW every --grad-accum minibatches with gradient clipping.
+   stepping AdamW every --grad-accum minibatches (0: once per epoch) with gradient clipping, at
+   a constant or linearly decaying learning rate (--lr-schedule).
 
-Differences from the original RLCM code (github.com/Owen-Oertell/rlcm): no fake noise is added to
-the deterministic last step (it is not trained on); every random draw (prompts, chain noise, minibatch
-shuffles) is derived from (seed, iteration, ...), so --resume continues exactly; under torchrun each
-rank samples its own images, the rewards of all ranks are gathered so the per-prompt statistics are
-global, and DistributedDataParallel averages the minibatch gradients; the log-prob reduction is a flag.
+The original RLCM code (github.com/Owen-Oertell/rlcm) accumulates the gradient over every (sample,
+step) pair of its one sampling batch per iteration and takes ONE Adam step (no weight decay, LinearLR
+decay): its ratios are all 1 and its clipping never acts, a normalized-advantage policy gradient.
+The defaults here step every 4 minibatches, so clipping acts; `--sample-batches 1 --grad-accum 0
+--weight-decay 0 --lr-schedule linear --lr-end-factor 0.667` trains as RLCM did (README: "original
+RLCM vs rlcm_ppo.py"). Other differences: no fake noise is added to the deterministic last step (it
+is not trained on); the timesteps are diffusers' (K=8: ..., 499, 379, 259, 139; RLCM's patched
+scheduler: ..., 519, 399, 279, 159); every random draw (prompts, chain noise, minibatch shuffles) is
+derived from (seed, iteration, ...), so --resume continues exactly; under torchrun each rank samples
+its own images, the rewards of all ranks are gathered so the per-prompt statistics are global, and
+DistributedDataParallel averages the minibatch gradients; the log-prob reduction is a flag.
 The log-prob is averaged over latent dimensions by default (RLCM's choice; it makes the ratio
 independent of resolution, hence the tiny clip range 1e-4); --logprob-reduction sum gives the true
 log-density, whose log-ratios are num_latent_dims (16,384 at 512 px) times larger.
@@ -120,21 +127,25 @@ class Args:
     eval_prompts_file: Optional[str] = None
     """held-out evaluation prompts, one per line (default: the repo's prompts/eval.txt)"""
     train_steps: int = 100
-    """number of PPO iterations (each: sample, score, then --ppo-epochs passes of minibatch updates); RLCM ran 100 epochs"""
+    """number of PPO iterations (each: sample, score, then --ppo-epochs passes of minibatch updates); RLCM ran 1000 (its 100 epochs x 10 iterations)"""
     batch_size: int = 8
-    """images per sampling batch (RLCM: 8 per GPU)"""
+    """images per sampling batch (RLCM: 8 per GPU for aesthetic, 4 for compressibility)"""
     sample_batches: int = 4
-    """sampling batches per PPO iteration (RLCM: 10 per GPU on 4 GPUs)"""
+    """sampling batches per PPO iteration (RLCM: 1)"""
     train_batch_size: int = 2
     """(sample, step) pairs per training minibatch; must divide batch_size x sample_batches x (K-1)"""
     grad_accum: int = 4
-    """minibatches per optimizer step (a shorter last group ends each epoch when they do not divide)"""
+    """minibatches per optimizer step (a shorter last group ends each epoch when they do not divide); 0: all of an epoch, one optimizer step per epoch (RLCM)"""
     ppo_epochs: int = 1
     """passes over the iteration's (sample, step) pairs, reshuffled each time (RLCM: 1)"""
     lr: float = 1e-4
-    """AdamW learning rate"""
+    """AdamW learning rate (RLCM: 1e-4)"""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """learning rate over the iterations: constant, or iteration i of N at lr x (1 - (1 - lr_end_factor) x i / N) (RLCM: linear)"""
+    lr_end_factor: float = 0.0
+    """--lr-schedule linear: the LR factor at the last iteration (RLCM: 2/3, its LinearLR to 0 over 3x its run)"""
     weight_decay: float = 1e-4
-    """AdamW weight decay on the LoRA weights (DDPO/RLCM's 1e-4)"""
+    """AdamW weight decay on the LoRA weights (DDPO's 1e-4; RLCM used Adam without weight decay: 0)"""
     max_grad_norm: float = 5.0
     """gradient clipping threshold (global L2 norm)"""
     clip_range: float = 1e-4
@@ -531,6 +542,17 @@ def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int,
     return [(chunk // num_actions, chunk % num_actions) for chunk in order.split(train_batch_size)]
 
 
+def lr_factor(schedule: str, end_factor: float, iteration: int, iterations: int) -> float:
+    """The LR multiplier of iteration i (1..N): 1, or linear 1 - (1 - end_factor) i / N.
+
+    RLCM steps its LinearLR once before each epoch of 10 iterations, so its epoch e trains at
+    1 - (e + 1) / 300: the same line, equal at every 10th iteration, stepped per iteration here.
+    """
+    if schedule == "constant":
+        return 1.0
+    return 1.0 - (1.0 - end_factor) * iteration / max(iterations, 1)
+
+
 class PpoObjective(torch.nn.Module):
     """The clipped loss of one minibatch of stored (sample, step) pairs as a single forward.
 
@@ -596,6 +618,14 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     if world_size > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+def global_max(values: torch.Tensor, world_size: int) -> float:
+    """Largest of every rank's values."""
+    top = values.float().max()
+    if world_size > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return top.item()
 
 
 def any_rank(flag: bool, device, world_size: int) -> bool:
@@ -746,10 +776,11 @@ def validate(args: Args) -> None:
         (args.batch_size < 1, f"--batch-size must be >= 1 (got {args.batch_size})"),
         (args.sample_batches < 1, f"--sample-batches must be >= 1 (got {args.sample_batches})"),
         (args.train_batch_size < 1, f"--train-batch-size must be >= 1 (got {args.train_batch_size})"),
-        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
+        (args.grad_accum < 0, f"--grad-accum must be >= 0 (got {args.grad_accum}; 0: one optimizer step per epoch)"),
         (args.ppo_epochs < 1, f"--ppo-epochs must be >= 1 (got {args.ppo_epochs})"),
         (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
         (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
+        (not 0 <= args.lr_end_factor <= 1, f"--lr-end-factor must be in [0, 1] (got {args.lr_end_factor})"),
         (args.clip_range <= 0, f"--clip-range must be > 0 (got {args.clip_range})"),
         (args.adv_clip <= 0, f"--adv-clip must be > 0 (got {args.adv_clip})"),
         (args.max_grad_norm <= 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm})"),
@@ -844,10 +875,11 @@ def main(args: Args) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         print(f"run directory: {run_dir}" + (f" (resumed at step {start_iteration})" if args.resume else ""))
+        accumulation = args.grad_accum or num_samples * num_actions // args.train_batch_size
         print(f"effective batch: {args.batch_size} x {args.sample_batches} sampling batches x {world_size} ranks = "
               f"{num_samples * world_size} images per iteration; {args.train_batch_size} (sample, step) pairs x "
-              f"{args.grad_accum} accumulation x {world_size} ranks = "
-              f"{args.train_batch_size * args.grad_accum * world_size} pairs per optimizer step")
+              f"{accumulation} accumulation x {world_size} ranks = "
+              f"{args.train_batch_size * accumulation * world_size} pairs per optimizer step")
         if args.track:
             import wandb
             wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
@@ -902,13 +934,17 @@ def main(args: Args) -> None:
 
         # 4. PPO epochs over shuffled (sample, step) minibatches; every rank has as many, so DDP's
         # all-reduces line up
-        stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "grad_norm": []}
+        stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "grad_norm": [], "ratio_deviation": []}
         optimizer_steps = 0
+        lr = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration, args.train_steps)
+        for param_group in optimizer.param_groups:  # a function of the iteration alone, so --resume continues it
+            param_group["lr"] = lr
         for epoch in range(args.ppo_epochs):
             shuffle = torch.Generator().manual_seed(derived_seed(args.seed, iteration, epoch, rank))
             minibatches = ppo_minibatches(num_samples, num_actions, args.train_batch_size, shuffle)
-            for group_start in range(0, len(minibatches), args.grad_accum):
-                group = minibatches[group_start:group_start + args.grad_accum]
+            group_size = args.grad_accum or len(minibatches)
+            for group_start in range(0, len(minibatches), group_size):
+                group = minibatches[group_start:group_start + group_size]
                 nonfinite = False
                 try:
                     for position, (samples, steps) in enumerate(group):
@@ -924,6 +960,7 @@ def main(args: Args) -> None:
                         stats["loss"].append(loss.detach())
                         stats["approx_kl"].append(info["approx_kl"])
                         stats["clip_fraction"].append(info["clip_fraction"])
+                        stats["ratio_deviation"].append((info["ratio"] - 1.0).abs().max())
                 except torch.OutOfMemoryError:
                     raise SystemExit(f"error: out of memory at iteration {iteration}; lower --train-batch-size (raise "
                                      "--grad-accum to keep the pairs per update) or --batch-size, or lower --resolution")
@@ -963,7 +1000,8 @@ def main(args: Args) -> None:
                        "train/advantage_abs": all_advantages.abs().mean().item(),
                        "train/per_prompt_fraction": tracker.last_per_prompt_fraction if tracker else 0.0,
                        "train/approx_kl": average("approx_kl"), "train/clip_fraction": average("clip_fraction"),
-                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"),
+                       "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), world_size),
+                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"), "train/lr": lr,
                        "train/optimizer_steps": optimizer_steps, "train/skipped_steps": skipped_steps,
                        "perf/step_time_s": iteration_time, "perf/sampling_time_s": sampling_time,
                        "perf/samples_per_s": samples_per_s}

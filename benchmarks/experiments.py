@@ -72,8 +72,8 @@ class Args:
     """learning rate of every method"""
     kl_beta: float = 7.68
     """Table 1's per-dimension KL weight (the sweep's best rocm_kl beta 0.03 x 256 latent dims); see BETA_FACTORS"""
-    dpo_beta: float = 0.1
-    """CM-DPO's beta (summed log-ratios over the 256 latent dimensions)"""
+    dpo_beta: float = 0.3
+    """CM-DPO's beta (cm_dpo.py's default; log-ratios per latent dimension)"""
     betas: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     """rocm_kl.py's (joint) KL weights for the beta sweep"""
     eval_every: int = 5

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cm_dpo
 from tests.conftest import run_dir_of, tiny_args
@@ -111,6 +112,33 @@ def test_step_log_ratio_is_the_difference_of_normal_log_probs():
     assert cm_dpo.step_divergence(mean_policy, mean_ref, 2.0).allclose((mean_policy - mean_ref).square().flatten(1).sum(1))
 
 
+def test_log_ratios_are_means_over_latent_dimensions_and_the_kl_stays_exact(lcm, pairs_file):
+    """beta multiplies the per-dimension mean of each step's log-ratio (the same meaning at every resolution);
+    the logged KL is the exact one, summed over dimensions."""
+    set_lora(lcm, scale=0.02)
+    args = make_args(last_step="drop", beta=2.0)
+    batch, schedule, w_embedding = offline_batch(lcm, args, pairs_file)
+    objective = objective_of(lcm, args, schedule)
+    unet = lcm[3]
+    log_ratio, kl = torch.zeros(4), torch.zeros(4)
+    with torch.no_grad():
+        terms = objective.trajectory_terms(batch, w_embedding)
+        _, stats = objective(batch, w_embedding, 1.0)
+        for i, step in enumerate(schedule[:-1]):  # stochastic steps: std sigma' >= 0.13 > eps, so w_k = 1 / sigma'^2
+            f_policy = cm_dpo.consistency_fn(unet, batch.states[i], step, batch.embeds, w_embedding)
+            f_ref = cm_dpo.reference_fn(unet, batch.states[i], step, batch.embeds, w_embedding)
+            policy = torch.distributions.Normal(step.alpha_next * f_policy, step.sigma_next)
+            reference = torch.distributions.Normal(step.alpha_next * f_ref, step.sigma_next)
+            x = batch.states[i + 1]
+            log_ratio += (policy.log_prob(x) - reference.log_prob(x)).flatten(1).mean(1)
+            kl += torch.distributions.kl_divergence(policy, reference).flatten(1).sum(1)
+    assert kl.min() > 0 and log_ratio.abs().min() > 0
+    assert torch.allclose(terms["total"], log_ratio, rtol=1e-3, atol=1e-6), (terms["total"], log_ratio)
+    assert torch.allclose(terms["kl"], kl, rtol=1e-3)
+    winner, loser = log_ratio.chunk(2)
+    assert torch.allclose(stats["margin"], 2.0 * (winner - loser), rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("dpo_form", ["logratio", "seed"])
 @pytest.mark.parametrize("last_step", ["drop", "smooth", "constrain"])
 def test_dpo_loss_is_log_2_before_the_first_update(lcm, pairs_file, dpo_form, last_step):
@@ -147,7 +175,7 @@ def test_a_few_steps_on_a_fixed_pair_raise_the_implicit_margin(lcm, pairs_file):
 
 
 def test_the_seed_form_ignores_where_the_chains_went_and_pushes_the_winner_away(lcm, pairs_file):
-    """DESIGN.md section 4: the literal loss has no gradient at the reference, does not look at the observed
+    """The seed's literal loss has no gradient at the reference, does not look at the observed
     transitions (only at f_theta - f_ref), and lowers itself by moving the winner away from the reference."""
     args = make_args(dpo_form="seed")
     set_lora(lcm)
@@ -170,6 +198,26 @@ def test_the_seed_form_ignores_where_the_chains_went_and_pushes_the_winner_away(
     (winner_before, loser_before), (winner_after, loser_after) = before.chunk(2), after.chunk(2)
     assert (winner_after > winner_before).all()
     assert (winner_after - loser_after > winner_before - loser_before).all()
+
+
+@pytest.mark.parametrize("dpo_form", ["logratio", "seed"])
+def test_swapping_winner_and_loser_reverses_the_gradient(lcm, pairs_file, dpo_form):
+    """Both forms' losses are antisymmetric in the pair's order, so reversed preferences push the policy the other
+    way (the seed form too; the digits-world runs in benchmarks/results/cm_dpo_beta.md show the same)."""
+    set_lora(lcm, scale=0.02)
+    args = make_args(dpo_form=dpo_form)
+    batch, schedule, w_embedding = offline_batch(lcm, args, pairs_file)
+    swap = torch.cat([torch.arange(2, 4), torch.arange(0, 2)])
+    swapped = dataclasses.replace(batch, states=[state[swap] for state in batch.states], embeds=batch.embeds[swap])
+    objective = objective_of(lcm, args, schedule)
+
+    def gradient(pairs):
+        loss, _ = objective(pairs, w_embedding, 1.0)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, lcm[5])])
+
+    preferred, reversed_ = gradient(batch), gradient(swapped)
+    assert preferred.norm() > 0
+    assert F.cosine_similarity(preferred, reversed_, dim=0) < -0.99
 
 
 @pytest.mark.parametrize("con_loss", ["l2", "huber"])
@@ -278,6 +326,29 @@ def test_offline_pairs_end_to_end(tiny, run_script, pairs_file, flags):
         state = torch.load(run_dir / "checkpoints" / "step_000003" / "training_state.pt", weights_only=True)
         assert state["multiplier"] == train[-1]["train/multiplier"] and state["ema"] is not None
     assert_loadable_lora_changes_the_pipeline(tiny, run_dir / "final")
+
+
+def test_the_default_beta_does_not_saturate_on_offline_digit_pairs(run_script, tmp_path):
+    """Digits world, Table 1's lr and pairs per step, offline pairs with a known preference (thick real digits over
+    thin ones): at the default beta L_DPO keeps its gradient (loss_dpo > 0.1 at every one of the first 20 steps)
+    while the implicit reward learns the preference. (The old default, 0.1 on log-ratios summed over the
+    256 latent dims, drove loss_dpo to ~1e-5 within a few steps.)"""
+    from benchmarks.cm_dpo_beta import write_thickness_pairs
+    from world.digits_metrics import WORLD_DIR
+
+    prompts = (WORLD_DIR / "prompts_train.txt").read_text().splitlines()
+    pairs = write_thickness_pairs(tmp_path / "pairs", prompts, pairs_per_prompt=2)
+    result = run_script("cm_dpo.py", "--model", str(WORLD_DIR / "lcm"), "--reward", f"aesthetic={WORLD_DIR / 'aesthetic'}",
+                        "--eval-rewards", "--prompts-file", str(WORLD_DIR / "prompts_train.txt"),
+                        "--eval-prompts-file", str(WORLD_DIR / "prompts_eval.txt"), "--resolution", "32",
+                        "--num-inference-steps", "4", "--train-steps", "20", "--eval-every", "0", "--batch-size", "2",
+                        "--lr", "1e-3", "--pairs", "offline", "--pairs-file", str(pairs))
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [m for m in metrics_of(run_dir_of(result.stdout)) if "train/loss_dpo" in m]
+    assert len(train) == 20
+    assert min(m["train/loss_dpo"] for m in train) > 0.1, [round(m["train/loss_dpo"], 4) for m in train]
+    assert np.mean([m["train/implicit_accuracy"] for m in train[10:]]) > 0.9
+    assert train[-1]["train/implicit_margin"] > 0.3
 
 
 @pytest.mark.parametrize("line,message", [

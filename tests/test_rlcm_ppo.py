@@ -126,7 +126,45 @@ def test_end_to_end_run_saves_a_loadable_lora(tiny, run_script, reward):
     assert (after - before).abs().max() > 1e-5
 
 
+RLCM_TRAINING = ["--sample-batches", "1", "--grad-accum", "0", "--weight-decay", "0", "--lr-schedule", "linear",
+                 "--lr-end-factor", "0.667"]
+
+
+def test_rlcm_training_semantics_take_one_step_per_iteration_at_ratio_one(tiny, run_script):
+    """The README's original-RLCM flags: the gradient of every (sample, step) pair of the iteration, ONE
+    optimizer step, so every ratio is 1 up to float rounding and clipping never acts; the LR decays linearly.
+    Stepping after every minibatch instead (the same run with --grad-accum 1) makes the later ratios move."""
+    def train_metrics(*flags):
+        result = run_script("rlcm_ppo.py", *tiny_args(tiny, steps=2), "--lr", "1e-2", "--train-batch-size", "2",
+                            "--stat-min-count", "2", *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = (run_dir_of(result.stdout) / "metrics.jsonl").read_text().splitlines()
+        return result.stdout, [m for m in map(json.loads, metrics) if "train/reward" in m]
+
+    stdout, train = train_metrics(*RLCM_TRAINING)  # 2 images x 3 stochastic steps = 3 minibatches of 2, accumulated
+    assert "2 (sample, step) pairs x 3 accumulation x 1 ranks = 6 pairs per optimizer step" in stdout
+    assert [m["train/optimizer_steps"] for m in train] == [1, 1]
+    assert all(m["train/clip_fraction"] == 0 for m in train)
+    assert all(m["train/ratio_max_deviation"] < 1e-5 for m in train), [m["train/ratio_max_deviation"] for m in train]
+    assert [m["train/lr"] for m in train] == pytest.approx([1e-2 * (1 - 0.333 * i / 2) for i in (1, 2)])
+
+    _, stepping = train_metrics(*RLCM_TRAINING[:2], "--grad-accum", "1")
+    assert [m["train/optimizer_steps"] for m in stepping] == [3, 3]
+    assert max(m["train/clip_fraction"] for m in stepping) > 0
+    assert max(m["train/ratio_max_deviation"] for m in stepping) > 1e-4
+
+
+def test_lr_factor_follows_rlcms_linear_decay():
+    # RLCM: LinearLR to 0 over 300 epochs, stepped before each of its 100 epochs of 10 iterations
+    for iteration in (10, 500, 1000):
+        rlcm = 1 - (iteration // 10) / 300
+        assert rlcm_ppo.lr_factor("linear", 2 / 3, iteration, 1000) == pytest.approx(rlcm)
+    assert rlcm_ppo.lr_factor("constant", 0.0, 7, 10) == 1.0
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--grad-accum", "-1"], "--grad-accum must be >= 0"),
+    (["--lr-end-factor", "2"], "--lr-end-factor must be in [0, 1]"),
     (["--num-inference-steps", "1"], "--num-inference-steps must be >= 2"),
     (["--train-batch-size", "5"], "--train-batch-size (5) must divide"),
     (["--reward", "jpeg"], "unknown reward 'jpeg'"),
