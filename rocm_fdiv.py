@@ -607,13 +607,12 @@ def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]
 
 
 def check_writable(path: Path, flag: str) -> None:
-    """Create path if needed; one line now, not a traceback once the models are loaded, if it cannot take files."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError("read-only")
-    except OSError as error:
-        raise SystemExit(f"error: {flag} '{path}' is not a writable directory ({first_line(error)}); pass one you "
+    """One line now, not a traceback once the models are loaded, if path (or the directory it would be made
+    in) cannot take files. Creates nothing."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is read-only" if existing.is_dir() else "is not a directory"
+        raise SystemExit(f"error: {flag} '{path}' cannot take files ('{existing}' {reason}); pass a directory you "
                          "can write to")
 
 

@@ -261,6 +261,7 @@ def test_an_unusable_output_dir_is_one_line_before_models_load(script, where, ti
     (tmp_path / "file").write_text("")
     output = tmp_path / "file" if where == "a file" else tmp_path / "file" / "runs"
     args = tyro.cli(module.Args, args=[*tiny_args(tiny), *CPU, "--output-dir", str(output)])
-    with pytest.raises(SystemExit, match=f"^error: --output-dir '{re.escape(str(output))}' is not a writable "
-                                         "directory \\(.+\\); pass one you can write to$"):
+    with pytest.raises(SystemExit, match=f"^error: --output-dir '{re.escape(str(output))}' cannot take files "
+                                         f"\\('{re.escape(str(tmp_path / 'file'))}' is not a directory\\); pass a "
+                                         "directory you can write to$"):
         module.main(args)
