@@ -852,7 +852,7 @@ def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]
     if state.get("script", run["script"]) != run["script"]:
         raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
     changed = {flag: [old, run["args"].get(flag)] for flag, old in state.get("args", {}).items()
-               if old != run["args"].get(flag) and flag != "resume"}
+               if old != run["args"].get(flag) and flag not in ("resume", "output_dir")}  # both unused on resume
     for flag in (flag for flag in RUN_FLAGS if flag in changed):
         name = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}.get(flag, "--" + flag.replace("_", "-"))
         raise SystemExit(f"error: '{checkpoint}' was trained with {name} {changed[flag][0]}, this run has "
