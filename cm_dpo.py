@@ -926,7 +926,7 @@ def set_lora(unet, lora: dict) -> None:
 
 
 def load_checkpoint(state: dict, unet, optimizer, grad_scaler, args) -> int:
-    """Restores weights, optimizer and loss scale in place; this run's --lr and --weight-decay apply. Returns the step."""
+    """Restores weights, optimizer and loss scale in place, with this run's --lr and --weight-decay; returns step."""
     set_lora(unet, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
