@@ -742,7 +742,7 @@ def main(args: Args) -> None:
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     run = run_record(args, world_size)
-    resumed, lock = prepare_run(args, run, is_main)
+    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
     torch.manual_seed(args.seed)
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
