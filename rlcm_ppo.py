@@ -48,11 +48,15 @@ Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`
 from __future__ import annotations
 
 import contextlib
+import copy
+import fcntl
+import itertools
 import json
 import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -166,6 +170,13 @@ class Args:
     """stop after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)"""
 
 
+# flags that define a run: --resume refuses other values than the checkpoint's (each rank normalizes and
+# shuffles its own samples, so the number of ranks counts); every other flag may change on resume and takes effect
+RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
+             "seed", "batch_size", "world_size", "sample_batches", "train_batch_size", "grad_accum",
+             "logprob_reduction", "per_prompt_stat_tracking", "stat_buffer_size", "stat_min_count")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -239,7 +250,8 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
+        shutil.rmtree(leftover, ignore_errors=True)
     # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader
     # assumes alpha = rank and applies the LoRA at rank / alpha of its trained strength
     LatentConsistencyModelPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=state,
@@ -657,40 +669,187 @@ def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
         raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
 
 
-def save_checkpoint(run_dir: Path, step: int, unet, optimizer, grad_scaler, tracker, limit: int) -> None:
-    """checkpoints/step_N: the LoRA (diffusers format) and what resuming needs, the reward statistics
-    included; keeps the newest `limit`."""
-    trainable = {name: p.detach().cpu() for name, p in unet.named_parameters() if p.requires_grad}
-    save_lora(unet, run_dir / "checkpoints" / f"step_{step:06d}",
-              training_state={"step": step, "lora": trainable, "optimizer": optimizer.state_dict(),
-                              "grad_scaler": grad_scaler.state_dict(),
-                              "stat_tracker": tracker.state_dict() if tracker else None})
-    for stale in sorted((run_dir / "checkpoints").glob("step_[0-9]*[0-9]"))[:-limit]:
-        shutil.rmtree(stale, ignore_errors=True)
+def run_record(args, world_size: int) -> dict:
+    """The script and flags of this run, as every checkpoint stores them (with the world size and global batch)."""
+    return {"script": Path(__file__).name,
+            "args": {**asdict(args), "world_size": world_size, "global_batch": args.batch_size * world_size}}
 
 
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory itself, or the newest complete one inside a run directory."""
+def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
+    """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, the run's script and flags, and
+    the script's own state (extra)."""
+    lora = {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
+    return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
+                          "grad_scaler": grad_scaler.state_dict(), **run, **extra})
+
+
+def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> bool:
+    """checkpoints/step_N: the unet's LoRA (diffusers format) and the training state; keeps the newest `limit`
+    (None: prunes nothing) and drops what interrupted saves left. A failed save (disk full) warns and keeps the
+    earlier checkpoints; returns whether it saved."""
+    checkpoints = run_dir / "checkpoints"
+    try:
+        save_lora(unet, checkpoints / f"step_{state['step']:06d}", training_state=state)
+    except Exception as error:  # disk full comes as OSError or as the writer's own error type
+        print(f"warning: could not save the checkpoint of step {state['step']} in {checkpoints} "
+              f"({first_line(error)}); the earlier checkpoints are intact")
+        return False
+    stale = sorted(checkpoints.glob("step_[0-9]*[0-9]"))[:-limit] if limit else []
+    for path in [*stale, *checkpoints.glob("step_*.old"), *checkpoints.glob("step_*.tmp")]:
+        shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def stop_non_finite(run_dir: Path, unet, good: Optional[dict], is_main: bool, what: str,
+                    fix: str = "lower --lr or use --mixed-precision bf16/no") -> None:
+    """Stop the run. `good` is the newest training state whose weights gave a finite loss: it is saved unless a
+    checkpoint of its step exists (never pruning) and named as the one to resume from."""
+    target = good and run_dir / "checkpoints" / f"step_{good['step']:06d}"
+    if is_main and good and not (target / "training_state.pt").is_file():
+        set_lora(unet, good["lora"])
+        target = save_checkpoint(run_dir, unet, good, None) and target
+    if not target:
+        raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
+    raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
+                     f"with --resume {target}")
+
+
+def find_checkpoint(path: Path) -> tuple[Path, dict]:
+    """A checkpoint directory itself, or the newest readable one inside a run directory; with its training state."""
     if (path / "training_state.pt").is_file():
-        return path
-    candidates = sorted(c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]") if (c / "training_state.pt").is_file())
+        candidates = [path]
+    else:
+        candidates = sorted((c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]")
+                             if (c / "training_state.pt").is_file()), reverse=True)
     if not candidates:
         raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
                          "or one of its checkpoints/step_N directories")
-    return candidates[-1]
+    for checkpoint in candidates:
+        try:
+            return checkpoint, torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated (full disk, partial copy): reader, EOF or unpickling errors
+            print(f"warning: skipping the unreadable checkpoint {checkpoint} ({first_line(error)})")
+    raise SystemExit(f"error: no readable checkpoint in '{path}'; start a new run or pass --resume another directory")
 
 
-def load_checkpoint(checkpoint: Path, unet, optimizer, grad_scaler, tracker) -> int:
-    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]:
+    """Before any model loads: --output-dir must take files; a --resume checkpoint must be readable, written by
+    this script with the same run-defining flags (RUN_FLAGS), and its run directory free. Returns (the
+    checkpoint's training state with its path and changed flags, or None; the run directory's lock or None)."""
+    if not args.resume:
+        check_writable(Path(args.output_dir), "--output-dir")
+        return None, None
+    checkpoint, state = find_checkpoint(Path(args.resume))
+    if state.get("script", run["script"]) != run["script"]:
+        raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
+    changed = {flag: [old, run["args"].get(flag)] for flag, old in state.get("args", {}).items()
+               if old != run["args"].get(flag) and flag not in ("resume", "output_dir")}  # both unused on resume
+    for flag in (flag for flag in RUN_FLAGS if flag in changed):
+        name = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}.get(flag, "--" + flag.replace("_", "-"))
+        raise SystemExit(f"error: '{checkpoint}' was trained with {name} {changed[flag][0]}, this run has "
+                         f"{changed[flag][1]}; resume with the same value or start a new run")
+    check_writable(checkpoint.parent.parent, "--resume")
+    state.update(path=checkpoint, changed=changed)
+    return state, lock_run_dir(checkpoint.parent.parent) if is_main else None
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """One line now, not a traceback once the models are loaded, if path (or the directory it would be made
+    in) cannot take files. Creates nothing."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is read-only" if existing.is_dir() else "is not a directory"
+        raise SystemExit(f"error: {flag} '{path}' cannot take files ('{existing}' {reason}); pass a directory you "
+                         "can write to")
+
+
+def lock_run_dir(run_dir: Path):
+    """Lock run_dir/.lock while this process trains there; the OS releases it when the process ends, however
+    it ends (a killed run leaves no stale lock). Returns the open lock file, to be kept referenced."""
+    lock = (run_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise SystemExit(f"error: another process (pid {lock.read().strip() or '?'}) is training in '{run_dir}'; "
+                         "wait for it to end or stop it")
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def new_run_dir(args, is_main: bool, world_size: int) -> Path:
+    """A new run directory, never an existing one (a suffix if two runs start in the same second); rank 0
+    creates it and tells the other ranks its name."""
+    names = [None]
+    if is_main:
+        base = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+        for n in itertools.count(1):
+            names = [str(base.with_name(base.name + (f"_{n}" if n > 1 else "")))]
+            with contextlib.suppress(FileExistsError):
+                Path(names[0]).mkdir(parents=True)
+                break
+    if world_size > 1:
+        dist.broadcast_object_list(names)
+    return Path(names[0])
+
+
+def record_args(run_dir: Path, args, resumed: Optional[dict]) -> None:
+    """args.json keeps the flags the run started with; each resume appends its flags to resumes.jsonl."""
+    if resumed is None:
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        return
+    with (run_dir / "resumes.jsonl").open("a") as f:
+        f.write(json.dumps({"step": resumed["step"], "checkpoint": str(resumed["path"]),
+                            "changed": resumed["changed"], "args": asdict(args)}) + "\n")
+    if resumed["changed"]:
+        print("changed on resume: " + ", ".join(f"--{flag.replace('_', '-')} {old} -> {new}"
+                                                for flag, (old, new) in resumed["changed"].items()))
+
+
+def set_lora(unet, lora: dict) -> None:
+    """Copy saved LoRA weights (name -> tensor) into the unet."""
     params = dict(unet.named_parameters())
     with torch.no_grad():
-        for name, value in state["lora"].items():
+        for name, value in lora.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(state: dict, unet, optimizer, grad_scaler, args) -> int:
+    """Restores weights, optimizer and loss scale in place, with this run's --lr and --weight-decay; returns step."""
+    set_lora(unet, state["lora"])
     optimizer.load_state_dict(state["optimizer"])
-    grad_scaler.load_state_dict(state["grad_scaler"])
-    if tracker is not None and state["stat_tracker"] is not None:
-        tracker.load_state_dict(state["stat_tracker"])
+    for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
+        group.update(lr=args.lr, weight_decay=args.weight_decay)
+    if state["grad_scaler"] and grad_scaler.is_enabled():  # a loss scale exists only under fp16, on both sides
+        grad_scaler.load_state_dict(state["grad_scaler"])
     return state["step"]
+
+
+def save_final(unet, run_dir: Path) -> Path:
+    """Save the final LoRA to run_dir/final or, if that fails (disk full), to a new directory in the system's
+    temporary directory, then in /dev/shm, so that the trained weights outlive the error."""
+    failures = []
+    for parent in (None, tempfile.gettempdir(), "/dev/shm"):
+        try:
+            target = (Path(tempfile.mkdtemp(prefix=f"{run_dir.name}_", dir=parent)) if parent else run_dir) / "final"
+            save_lora(unet, target)
+        except Exception as error:  # disk full comes as OSError or as the writer's own error type
+            failures.append(f"{parent or run_dir}: {first_line(error)}")
+            continue
+        if failures:
+            raise SystemExit(f"error: could not save the final LoRA ({failures[0]}); the trained "
+                             f"weights are in {target}: move them to {run_dir / 'final'} once there is room")
+        return target
+    raise SystemExit(f"error: could not save the final LoRA anywhere ({'; '.join(failures)}); the trained weights "
+                     "are lost: free disk space and train with --save-every")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first message line (or its type's name), for one-line messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,6 +976,8 @@ def main(args: Args) -> None:
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
+    run = run_record(args, world_size)
+    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
     torch.manual_seed(args.seed)
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
@@ -862,18 +1023,19 @@ def main(args: Args) -> None:
     num_samples = args.batch_size * args.sample_batches  # per rank and iteration
 
     start_iteration = 0
-    if args.resume:
-        checkpoint = find_checkpoint(Path(args.resume))
-        start_iteration = load_checkpoint(checkpoint, unet, optimizer, grad_scaler, tracker)
-        run_dir = checkpoint.parent.parent
+    if resumed:
+        start_iteration = load_checkpoint(resumed, unet, optimizer, grad_scaler, args)
+        if tracker is not None and resumed["stat_tracker"] is not None:
+            tracker.load_state_dict(resumed["stat_tracker"])
+        run_dir = resumed["path"].parent.parent
     else:
-        run_dir = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = new_run_dir(args, is_main, world_size)
+        lock = lock_run_dir(run_dir) if is_main else None
     if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        record_args(run_dir, args, resumed)
         print(f"run directory: {run_dir}" + (f" (resumed at step {start_iteration})" if args.resume else ""))
         accumulation = args.grad_accum or num_samples * num_actions // args.train_batch_size
         print(f"effective batch: {args.batch_size} x {args.sample_batches} sampling batches x {world_size} ranks = "
@@ -912,8 +1074,12 @@ def main(args: Args) -> None:
     if start_iteration == 0:
         run_evaluation(0)
     nonfinite_in_a_row = skipped_steps = 0
+    good = None  # the newest training state whose weights gave a finite loss
     for iteration in range(start_iteration + 1, args.train_steps + 1):
         start = time.perf_counter()
+        # the weights before this iteration's first update; they become `good` once that update's loss is finite
+        pending = training_state(iteration - 1, unet, optimizer, grad_scaler, run,
+                                 stat_tracker=tracker.state_dict() if tracker else None)
 
         # 1-3. sample with log-probs, score, advantages (normalized over all ranks' samples)
         rollouts = []
@@ -976,13 +1142,10 @@ def main(args: Args) -> None:
                               f"({nonfinite_in_a_row} in a row)")
                         log({"train/skipped_steps": skipped_steps}, iteration)
                     if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                        if is_main:  # the skipped updates left the weights at their last good values
-                            save_checkpoint(run_dir, iteration, unet, optimizer, grad_scaler, tracker,
-                                            args.checkpoint_limit)
-                        raise SystemExit(f"error: {nonfinite_in_a_row} non-finite steps in a row at iteration "
-                                         f"{iteration}; the last good weights are in {run_dir / 'checkpoints'}; lower "
-                                         "--lr or use --mixed-precision bf16/no and continue with --resume")
+                        stop_non_finite(run_dir, unet, good, is_main,
+                                        f"{nonfinite_in_a_row} non-finite steps in a row at iteration {iteration}")
                 else:
+                    good, pending = pending or good, None
                     grad_scaler.step(optimizer)
                     grad_scaler.update()
                     nonfinite_in_a_row = 0
@@ -1010,9 +1173,12 @@ def main(args: Args) -> None:
                       f"+- {metrics['train/reward_std']:.4f} approx_kl {metrics['train/approx_kl']:.3g} "
                       f"clip_fraction {metrics['train/clip_fraction']:.3f} | {samples_per_s:.2f} samples/s")
                 log(metrics, iteration)
-        if args.save_every and iteration % args.save_every == 0:
+        # not after a non-finite loss: it came from these weights
+        if args.save_every and iteration % args.save_every == 0 and not nonfinite_in_a_row:
             if is_main:
-                save_checkpoint(run_dir, iteration, unet, optimizer, grad_scaler, tracker, args.checkpoint_limit)
+                save_checkpoint(run_dir, unet, training_state(iteration, unet, optimizer, grad_scaler, run,
+                                                              stat_tracker=tracker.state_dict() if tracker else None),
+                                args.checkpoint_limit)
             if world_size > 1:
                 dist.barrier()
         if args.eval_every and iteration % args.eval_every == 0 and iteration != args.train_steps:
@@ -1025,8 +1191,7 @@ def main(args: Args) -> None:
     if args.train_steps > start_iteration:
         run_evaluation(args.train_steps)
     if is_main:
-        save_lora(unet, run_dir / "final")
-        print(f"saved LoRA to {run_dir / 'final'}")
+        print(f"saved LoRA to {save_final(unet, run_dir)}")
         if args.track:
             wandb.finish()
     if world_size > 1:
