@@ -155,6 +155,7 @@ def lora_delta_norm(lora_dir: Path) -> float:
     return total ** 0.5
 
 
+@pytest.mark.slow
 def test_end_to_end_run_saves_a_lora_that_changes_the_pipeline(tiny, run_script):
     from diffusers import LatentConsistencyModelPipeline
 
@@ -179,6 +180,7 @@ def test_end_to_end_run_saves_a_lora_that_changes_the_pipeline(tiny, run_script)
     assert (after - before).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_large_beta_keeps_the_lora_near_the_base(tiny, run_script):
     norms = {}
     for beta in ("0", "1e4"):
