@@ -105,6 +105,7 @@ def regularized_chain(divergence: str, unet, *chain, **flags):
     return rocm_fdiv.sample_chain(unet, *chain, divergence, **flags)[:2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence", ["rocm_kl", "hellinger", "js", "fisher"])
 @pytest.mark.parametrize("reference_grad", [True, False])
 def test_regularizer_gradient_is_its_derivative_only_with_reference_grad(tiny, reference_grad, divergence):
