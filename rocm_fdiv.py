@@ -111,9 +111,9 @@ class Args:
     eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
     """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
     prompts_file: Optional[str] = None
-    """training prompts, one per line (default: the repo's prompts/train.txt)"""
+    """training prompts, one per line (unset: the repo's prompts/train.txt)"""
     eval_prompts_file: Optional[str] = None
-    """held-out evaluation prompts, one per line (default: the repo's prompts/eval.txt)"""
+    """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
     divergence: str = "kl"
     """regularizer: kl, reverse_kl (= kl here: equal step variances), hellinger, js, fisher, tv, chi2, or none (the unregularized baseline; the KL to the base is still measured and logged)"""
     reduction: Literal["per_dim", "joint"] = "per_dim"
@@ -152,12 +152,54 @@ RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_s
 # Loading
 # --------------------------------------------------------------------------------------------
 
+def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
+    """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1 does) when the hub cannot be reached.
+
+    Unreachable, every file download is retried with backoff, minutes per model; one TCP connection
+    tells the same in seconds. Skipped when HF_HUB_OFFLINE is set, when every source (NAME=PATH or a
+    path) is a local path, and behind a proxy (a direct connection says nothing about the proxied one).
+    Must run before transformers or diffusers are imported: they read HF_HUB_OFFLINE at import.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    if all(Path(source.partition("=")[2] or source).exists() for source in sources):
+        return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)),
+                                 timeout=timeout).close()
+    except OSError:
+        print(f"warning: the Hugging Face hub ({endpoint.hostname}) is unreachable; loading from the local cache "
+              "only, as with HF_HUB_OFFLINE=1", flush=True)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def quiet_loaders() -> None:
+    """No per-file progress bars from diffusers' and transformers' from_pretrained: they bury the run's own lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
     """Load tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     try:
+        # the UNet's config first (one small file): an unsupported family is refused before any weights load
+        unet_config = UNet2DConditionModel.load_config(model, subfolder="unet")
+        if unet_config.get("addition_embed_type") == "text_time" or (Path(model) / "text_encoder_2").is_dir():
+            raise SystemExit(f"error: '{model}' is an SDXL-style LCM (two text encoders, text_time conditioning); "
+                             "SDXL-style LCMs are not supported (yet); pass an SD1.5-style LCM such as "
+                             "SimianLuo/LCM_Dreamshaper_v7")
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
@@ -165,8 +207,9 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
         scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     except Exception as error:  # hub and file errors come in many types; all mean the same here
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({reason}); "
-                         "pass --model a local pipeline directory or a reachable hub id")
+        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({reason}); pass --model a local "
+                         "pipeline directory, or a hub id that is reachable or already in the cache (offline "
+                         "machines: set HF_HUB_OFFLINE=1 and pass local directories)")
     if unet.config.time_cond_proj_dim is None:
         raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
     for module in (text_encoder, vae, unet):
@@ -215,8 +258,15 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
     Written to a temporary directory and renamed, so an interrupted save never leaves a
     half-written directory in place of a good one. training_state, if given, is saved beside it.
     """
-    from diffusers import LatentConsistencyModelPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # importing the pipeline notes a missing torchvision: noise here
+    try:
+        from diffusers import LatentConsistencyModelPipeline
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
@@ -749,6 +799,77 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
+def start_wandb(args: Args, run_dir: Path):
+    """wandb.init whose run a resumed run continues: the wandb run id is kept in the run directory."""
+    import wandb
+
+    id_file = run_dir / "wandb_run_id.txt"
+    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
+                     id=id_file.read_text().strip() if id_file.exists() else None, resume="allow")
+    id_file.write_text(run.id)
+    return wandb
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_text(elapsed_s: float, loop_started: float, steps_done: int, steps_left: int) -> str:
+    """'elapsed H:MM:SS eta H:MM:SS'; the ETA extrapolates this process's time per step since the loop began."""
+    per_step = (time.perf_counter() - loop_started) / max(steps_done, 1)
+    return f"elapsed {format_duration(elapsed_s)} eta {format_duration(per_step * steps_left)}"
+
+
+def elapsed_before(run_dir: Path, step: int) -> float:
+    """The perf/elapsed_s a resumed run had reached by its checkpoint's step (0 for a new run)."""
+    elapsed, path = 0.0, run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else ():
+        record = json.loads(line)
+        if record["step"] <= step and "perf/elapsed_s" in record:
+            elapsed = record["perf/elapsed_s"]
+    return elapsed
+
+
+def cost_metrics(step: int, images_per_step: int, queries_per_step: int, elapsed_s: float, device) -> dict:
+    """The run's cost so far, over all ranks: the x axes of reward-versus-compute curves."""
+    metrics = {"perf/train_images": step * images_per_step, "perf/reward_queries": step * queries_per_step,
+               "perf/elapsed_s": elapsed_s}
+    if device.type == "cuda":
+        metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return metrics
+
+
+def write_model_card(directory: Path, args: Args, scores: dict, scored_step: Optional[int]) -> None:
+    """README.md (a diffusers-style model card) and args.json beside the saved LoRA."""
+    offline_pairs = getattr(args, "pairs", "online") == "offline"
+    rows = [("base model", args.model), ("script", f"{Path(__file__).name}: {__doc__.strip().splitlines()[0]}"),
+            ("reward", f"offline pairs from {args.pairs_file}" if offline_pairs else args.reward),
+            ("beta", getattr(args, "beta", "n/a (PPO's clipped ratio is the only regularizer)")),
+            ("steps", args.train_steps), ("sampling steps", args.num_inference_steps),
+            ("guidance scale", args.guidance_scale), ("LoRA rank / alpha", f"{args.lora_rank} / {args.lora_alpha}"),
+            ("learning rate", args.lr), ("seed", args.seed)]
+    lines = ["---", f"base_model: {args.model}", "library_name: diffusers", "tags:", "- lora",
+             "- latent-consistency-model", "- text-to-image", f"- {Path(__file__).stem}", "---", "",
+             f"# {directory.parent.name}", "",
+             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
+             "", "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], ""]
+    if scores:
+        lines += [f"Final evaluation (step {scored_step}, mean over the held-out prompts):", "",
+                  "| reward | score |", "|---|---|",
+                  *[f"| {name.removeprefix('eval/')} | {value:.4f} |" for name, value in scores.items()], ""]
+    else:
+        lines += ["No final evaluation was run.", ""]
+    lines += ["Load it with diffusers:", "", "```python", "from diffusers import LatentConsistencyModelPipeline", "",
+              f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
+              f'pipe.load_lora_weights("{directory}")',
+              f'image = pipe("a photo of a cat", num_inference_steps={args.num_inference_steps}, '
+              f"guidance_scale={args.guidance_scale}).images[0]", "```", "",
+              "All arguments of the run are in `args.json`.", ""]
+    (directory / "README.md").write_text("\n".join(lines))
+    (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
+
+
 @torch.no_grad()
 def evaluate(args: Args, models, schedule, prompts: list[str], eval_rewards: dict, device, autocast):
     """Sample the held-out prompts with a fixed seed and score them with every evaluation reward."""
@@ -839,7 +960,9 @@ def validate(args: Args) -> None:
 
 
 def main(args: Args) -> None:
+    started = time.time()
     validate(args)
+    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
     train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     rank, world_size, device = setup_distributed(args.device)
@@ -850,6 +973,17 @@ def main(args: Args) -> None:
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
 
+    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
+    quiet_loaders()
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    if is_main:
+        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    if args.num_inference_steps > scheduler.config.original_inference_steps:
+        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
+                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
     try:
         reward_fn = load_reward_spec(args.reward, device, weight_dtype)
     except (FileNotFoundError, ImportError) as error:
@@ -863,16 +997,6 @@ def main(args: Args) -> None:
             eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
         except (FileNotFoundError, ImportError) as error:
             print(f"warning: skipping evaluation reward: {error}")
-
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
-    if is_main:
-        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
-    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
-    if args.num_inference_steps > scheduler.config.original_inference_steps:
-        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
-                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
     speed_up(unet, vae, args.channels_last, args.compile)
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
@@ -900,37 +1024,40 @@ def main(args: Args) -> None:
         print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
               f"{args.batch_size * args.grad_accum * world_size} images per optimizer step")
         if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                       resume="allow")
+            wandb = start_wandb(args, run_dir)
 
-    def log(metrics: dict, step: int) -> None:
+    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
+        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
         with (run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if args.track:
-            wandb.log(metrics, step=step)
+            wandb.log({**metrics, **(media or {})}, step=step)
+
+    final_scores, scored_step = {}, None
 
     def run_evaluation(step: int) -> None:
+        nonlocal final_scores, scored_step
         if is_main:
             unet.eval()
+            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
             images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
             for reward in eval_rewards.values():
                 reward.to("cpu")
-            save_image_grid(images, run_dir / "samples" / f"step_{step:06d}.png")
+            grid = run_dir / "samples" / f"step_{step:06d}.png"
+            save_image_grid(images, grid)
             metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
             print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            if args.track:
-                table = wandb.Table(columns=["prompt", "image", *scores])
-                for i, prompt in enumerate(eval_prompts):
-                    table.add_data(prompt, wandb.Image(images[i].permute(1, 2, 0).numpy()),
-                                   *[values[i].item() for values in scores.values()])
-                metrics["eval/samples"] = table
-            log(metrics, step)
+            final_scores, scored_step = metrics, step
+            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
+            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
+                eval_prompts))} if args.track else None)
         if world_size > 1:
             dist.barrier()
 
     if start_step == 0:
         run_evaluation(0)
+    elapsed_offset = elapsed_before(run_dir, start_step) if is_main else 0.0
+    loop_started = time.perf_counter()
     nonfinite_in_a_row = skipped_steps = 0
     good = None  # the newest training state whose weights gave a finite loss
     for step in range(start_step + 1, args.train_steps + 1):
@@ -992,9 +1119,14 @@ def main(args: Args) -> None:
             metrics.update({"train/loss": global_mean(torch.cat(losses), world_size), "train/grad_norm": grad_norm.item(),
                             "perf/step_time_s": step_time, "perf/samples_per_s": samples_per_s})
             if is_main:
+                elapsed_s = elapsed_offset + time.time() - started
+                images_per_step = args.batch_size * args.grad_accum * world_size  # one reward query each
+                metrics.update(cost_metrics(step, images_per_step, images_per_step, elapsed_s, device))
+                timing = progress_text(elapsed_s, loop_started, step - start_step, args.train_steps - step)
                 print(f"step {step}/{args.train_steps} reward {metrics['train/reward']:.4f} "
                       f"{args.divergence}/{args.reduction} {metrics['train/divergence']:.4g} "
-                      f"kl {metrics['train/kl']:.4g} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s")
+                      f"kl {metrics['train/kl']:.4g} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s "
+                      f"| {timing}")
                 log(metrics, step)
         # not after a non-finite loss: it came from these weights
         if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
@@ -1013,7 +1145,9 @@ def main(args: Args) -> None:
     if args.train_steps > start_step:
         run_evaluation(args.train_steps)
     if is_main:
-        print(f"saved LoRA to {save_final(unet, run_dir)}")
+        final_dir = save_final(unet, run_dir)
+        write_model_card(final_dir, args, final_scores, scored_step)
+        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
         if args.track:
             wandb.finish()
     if world_size > 1:
@@ -1021,4 +1155,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))

@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains or runs a script end to end; the fast subset is "
+                                       "python -m pytest -q -m \"not slow\" tests")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of the tiny LCM pipeline, reward models and prompts file (see tests/tiny_world.py)."""

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 TINY = ["--scale", "tiny", "--device", "cpu", "--mixed-precision", "no", "--num-inference-steps", "2",
@@ -23,6 +25,7 @@ def run_benchmark(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, l
     return result, [dict(zip(rows[0], row)) for row in rows[1:]]
 
 
+@pytest.mark.slow
 def test_benchmark_writes_a_row_per_script_and_batch(tmp_path):
     from benchmarks.bench_step import STEPS
 
@@ -41,6 +44,7 @@ def test_benchmark_writes_a_row_per_script_and_batch(tmp_path):
     assert all(row["speed vs eager rocm_kl"] == "1.00x" for row in rows if row["script"] == "rocm_kl")
 
 
+@pytest.mark.slow
 def test_fast_rows_check_parity_and_compare_with_eager_rocm_kl(tmp_path):
     result, rows = run_benchmark(tmp_path, "--batch-sizes", "1", "--scripts", "rocm_kl", "rlcm_ppo", "--fast",
                                  "--compile-backend", "eager")
@@ -69,6 +73,7 @@ def test_unknown_divergence_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown divergence hellinga; choose from: kl,")
 
 
+@pytest.mark.slow
 def test_the_inductor_gradient_check_finds_the_cpu_bug_and_its_workaround():
     """Why --compile is refused on the CPU: if the first assertion fails, torch fixed inductor (pytorch PR
     #185873) and the refusal in the scripts' validate() can go."""

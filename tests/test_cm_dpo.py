@@ -163,6 +163,7 @@ def train(lcm, args, batch, schedule, w_embedding, steps, lr=1e-3):
     return objective
 
 
+@pytest.mark.slow
 def test_a_few_steps_on_a_fixed_pair_raise_the_implicit_margin(lcm, pairs_file):
     set_lora(lcm)
     args = make_args()
@@ -283,6 +284,7 @@ def metrics_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_online_pairs_end_to_end(tiny, run_script):
     result = run_script("cm_dpo.py", *tiny_args(tiny, steps=3), "--lr", "1e-2", "--samples-per-prompt", "3",
                         "--eval-every", "2", "--save-every", "2")
@@ -304,6 +306,7 @@ def test_online_pairs_end_to_end(tiny, run_script):
     assert_loadable_lora_changes_the_pipeline(tiny, run_dir / "final")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     [],
     ["--offline-chain", "renoise", "--last-step", "constrain", "--dual-lr", "10", "--last-step-budget", "0",

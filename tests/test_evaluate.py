@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, run_dir_of, tiny_args
 
 
@@ -17,6 +19,7 @@ def evaluate(tiny, tmp_path, name, *flags):
     return subprocess.run(command, capture_output=True, text=True, timeout=600), output
 
 
+@pytest.mark.slow
 def test_base_and_lora_are_scored_on_the_same_noise(tiny, tmp_path, run_script):
     base, base_json = evaluate(tiny, tmp_path, "base")
     assert base.returncode == 0, base.stderr[-3000:]

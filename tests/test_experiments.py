@@ -68,6 +68,7 @@ def test_grid_shows_the_regularized_run_the_judge_finds_closest_to_real_digits_a
                                                    ("unregularized: rocm-none", "rocm-none")]
 
 
+@pytest.mark.slow
 def test_driver_runs_every_experiment_aggregates_seeds_and_reuses_finished_runs(tmp_path):
     out = tmp_path / "results"
     flags = ["--out", str(out), "--methods", "rocm-none", "rocm-kl", "rlcm", "cm-dpo", "--betas", "0.1",

@@ -100,6 +100,7 @@ def test_per_prompt_normalizer_gives_standard_advantages_once_the_minimum_count_
     assert restored.state_dict() == tracker.state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reward", ["jpeg_compressibility", "aesthetic"])
 def test_end_to_end_run_saves_a_loadable_lora(tiny, run_script, reward):
     from diffusers import LatentConsistencyModelPipeline

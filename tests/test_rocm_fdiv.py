@@ -72,6 +72,7 @@ def test_the_issue_command_line_parses():
     assert (args.divergence, args.beta, args.reduction, args.js_estimator) == ("hellinger", 1e-3, "per_dim", "quadrature")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence,estimator", [*REGULARIZERS, ("none", "quadrature")])
 def test_every_divergence_trains_end_to_end_and_saves_a_loadable_lora(tiny, pipe, tmp_path, capsys, divergence,
                                                                        estimator):
@@ -192,6 +193,7 @@ def train_in_process(tiny, lcm):
     return train
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence,estimator", REGULARIZERS)
 def test_huge_beta_keeps_the_lora_near_the_base(train_in_process, divergence, estimator):
     # beta 1e4 makes every divergence's gradient dwarf the tiny reward's from the second step on (1e8
@@ -218,6 +220,7 @@ def test_sampled_js_noise_depends_on_the_sample_alone():
     assert rocm_fdiv.micro_batch(rocm_fdiv.Args(batch_size=2), PROMPTS, 5, 1, 0, 1, (4, 2, 2), 4, "cpu")[3] is None
 
 
+@pytest.mark.slow
 def test_kl_joint_reproduces_rocm_kl_exactly(tiny, tmp_path, capsys):
     settings = tiny_main_args(tiny, tmp_path / "kl", beta=0.1).__dict__
     settings = {k: v for k, v in settings.items() if k not in ("exp_name", "divergence", "reduction", "js_estimator")}

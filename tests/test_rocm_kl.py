@@ -105,6 +105,7 @@ def regularized_chain(divergence: str, unet, *chain, **flags):
     return rocm_fdiv.sample_chain(unet, *chain, divergence, **flags)[:2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence", ["rocm_kl", "hellinger", "js", "fisher"])
 @pytest.mark.parametrize("reference_grad", [True, False])
 def test_regularizer_gradient_is_its_derivative_only_with_reference_grad(tiny, reference_grad, divergence):
@@ -155,6 +156,7 @@ def lora_delta_norm(lora_dir: Path) -> float:
     return total ** 0.5
 
 
+@pytest.mark.slow
 def test_end_to_end_run_saves_a_lora_that_changes_the_pipeline(tiny, run_script):
     from diffusers import LatentConsistencyModelPipeline
 
@@ -179,6 +181,7 @@ def test_end_to_end_run_saves_a_lora_that_changes_the_pipeline(tiny, run_script)
     assert (after - before).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_large_beta_keeps_the_lora_near_the_base(tiny, run_script):
     norms = {}
     for beta in ("0", "1e4"):

@@ -64,6 +64,7 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_ranks_stay_identical_and_match_one_process(script, tiny, tmp_path):
     two = run(script_command(script, tiny, tmp_path, "--batch-size", "1", steps=2, torchrun=2), tmp_path)
@@ -75,6 +76,7 @@ def test_two_ranks_stay_identical_and_match_one_process(script, tiny, tmp_path):
         assert_same_updates(lora(run_dir_of(two.stdout)), lora(run_dir_of(one.stdout)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_ranks_with_accumulation_match_one_process(script, tiny, tmp_path):
     if script not in SAME_AS_ONE_PROCESS:
@@ -86,6 +88,7 @@ def test_two_ranks_with_accumulation_match_one_process(script, tiny, tmp_path):
     assert_same_updates(lora(run_dir_of(two.stdout)), lora(run_dir_of(one.stdout)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_after_a_kill_continues_exactly(script, tiny, tmp_path):
     straight = run(script_command(script, tiny, tmp_path, "--save-every", "2", steps=6), tmp_path)
@@ -108,6 +111,7 @@ def test_resume_after_a_kill_continues_exactly(script, tiny, tmp_path):
     assert_same_lora(lora(run_dir), lora(run_dir_of(straight.stdout)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_checkpoint_limit_and_half_written_checkpoints(script, tiny, tmp_path):
     result = run(script_command(script, tiny, tmp_path, "--save-every", "1", "--checkpoint-limit", "2", steps=3),
@@ -151,6 +155,7 @@ def test_interrupted_save_keeps_the_previous_lora(script, tmp_path, monkeypatch)
     assert torch.load(target / "training_state.pt")["step"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_non_finite_updates_are_skipped_then_stop_with_a_checkpoint(script, tiny, tmp_path):
     command = script_command(script, tiny, tmp_path, "--lr", "1e30", "--max-nonfinite-steps", "2", "--save-every",
@@ -168,6 +173,7 @@ def test_non_finite_updates_are_skipped_then_stop_with_a_checkpoint(script, tiny
     assert all(torch.isfinite(value).all() for value in lora(checkpoints[0].parent, ".").values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_saved_lora_loads_at_its_trained_strength(script, tiny, tmp_path):
     from diffusers import LatentConsistencyModelPipeline

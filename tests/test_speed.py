@@ -45,6 +45,7 @@ def test_channels_last_gives_the_default_loss_and_gradients(tiny, one_torch_thre
     assert_close(bench.parity_values(), default)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_with_channels_last_saves_a_loadable_lora(tiny, run_script, script):
     from diffusers import LatentConsistencyModelPipeline
@@ -82,6 +83,7 @@ def test_the_speed_flags_are_off_by_default_documented_and_compile_needs_cuda(sc
         module.validate(tyro.cli(module.Args, args=["--compile", "--device", "cpu"]))
 
 
+@pytest.mark.slow
 def test_compile_gives_the_eager_loss_and_gradients_and_a_lora_without_orig_mod(tiny, one_torch_thread, tmp_path):
     """Regional compilation of rocm_kl's UNet blocks and VAE decoder, gradient checkpointing on.
 
