@@ -135,6 +135,8 @@ def test_lcm_loads_before_the_rewards(tiny, tmp_path, run_script):
     """Training reward and evaluation rewards load after the LCM: with a broken model and broken rewards
     the one error is the model's (before, the rewards were loaded, warned about and failed on first)."""
     flags = tiny_args(tiny)
+    for name in ("no_lcm", "no_reward", "no_eval_reward"):  # existing but empty: past validate(), broken at load
+        (tmp_path / name).mkdir()
     flags[flags.index("--model") + 1] = str(tmp_path / "no_lcm")
     flags[flags.index("--reward") + 1] = f"aesthetic={tmp_path / 'no_reward'}"
     flags[flags.index("--eval-rewards") + 1] = f"clipscore={tmp_path / 'no_eval_reward'}"
