@@ -26,10 +26,13 @@ import torch.nn.functional as F
 #
 # Everything depends on the squared Mahalanobis distance d2 = ||mean_p - mean_q||^2 / std^2.
 # reduction="joint" takes the divergence of the full latent Gaussians (d2 summed over every
-# dimension); reduction="per_dim" takes the divergence of each 1-D marginal and averages.
-# For KL the two differ only by the factor 1/num_dims; for the bounded divergences (Hellinger,
-# JS, TV) they differ in kind: over 16,384 latent dimensions the joint d2 is large, the joint
-# divergence saturates at its bound and its gradient (a factor exp(-d2/8)) vanishes.
+# dimension); reduction="per_dim" takes the divergence of each 1-D marginal and sums them over
+# the latent, so that both are on one scale (the ROCM paper's: a divergence summed over the
+# latent, betas of order 1e-4). For KL, reverse KL and Fisher, which add up over independent
+# dimensions, the two are the same value; for the bounded divergences (Hellinger, JS, TV) they
+# differ in kind: over 16,384 latent dimensions the joint d2 is large, the joint divergence
+# saturates at its bound and its gradient (a factor exp(-d2/8)) vanishes, while the sum of the
+# 1-D marginals' divergences keeps pulling. Near the base both are ~ d2/8 for Hellinger and JS.
 
 DIVERGENCES = ("kl", "reverse_kl", "hellinger", "js", "fisher", "tv", "chi2", "none")
 REDUCTIONS = ("joint", "per_dim")
@@ -82,7 +85,7 @@ def _js_sampled(delta_over_std: torch.Tensor, reduction: str, generator: torch.G
     projection = z * delta_over_std
     half_d2 = delta_over_std.square() / 2
     per_dim = math.log(2.0) - 0.5 * (F.softplus(-projection - half_d2) + F.softplus(projection - half_d2))
-    return per_dim.flatten(1).mean(1)
+    return per_dim.flatten(1).sum(1)
 
 
 def gaussian_divergence(
@@ -106,8 +109,8 @@ def gaussian_divergence(
       tv          total variation erf(sqrt(d2) / (2 sqrt 2)), in [0, 1]
       chi2        chi-squared exp(d2) - 1 (explodes quickly: use per_dim)
       none        zero (the unregularized baseline)
-    reduction: "joint" (the latent vector as one Gaussian) or "per_dim" (average of the 1-D
-      marginals' divergences).
+    reduction: "joint" (the latent vector as one Gaussian) or "per_dim" (sum of the 1-D marginals'
+      divergences over the latent); the two are equal for kl, reverse_kl and fisher.
     """
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence '{name}'; choose one of: {', '.join(DIVERGENCES)}")
@@ -125,12 +128,12 @@ def gaussian_divergence(
     if name == "js" and js_estimator == "sampled":
         return _js_sampled(delta_over_std, reduction, generator)
     if name == "fisher":
-        per_dim_value = (delta_over_std / std).square()
-        flat = per_dim_value.flatten(1)
-        return flat.sum(1) if reduction == "joint" else flat.mean(1)
+        return (delta_over_std / std).square().flatten(1).sum(1)
 
     d2 = delta_over_std.square()
-    d2 = d2.flatten(1).sum(1) if reduction == "joint" else d2
+    # kl adds up over dimensions: per_dim takes the joint path, so the two reductions agree bit for bit
+    summed_first = reduction == "joint" or name in ("kl", "reverse_kl")
+    d2 = d2.flatten(1).sum(1) if summed_first else d2
     if name in ("kl", "reverse_kl"):
         value = d2 / 2
     elif name == "hellinger":
@@ -141,7 +144,7 @@ def gaussian_divergence(
         value = torch.erf(_safe_sqrt(d2) / (2 * math.sqrt(2.0)))
     else:  # chi2
         value = torch.expm1(d2)
-    return value if reduction == "joint" else value.flatten(1).mean(1)
+    return value if summed_first else value.flatten(1).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------

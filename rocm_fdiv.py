@@ -20,7 +20,7 @@ This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact 
 LatentConsistencyModelPipeline), gradient checkpointing, loss, training, evaluation, logging, saving.
 
 Run (GPU, real model):
-    python rocm_fdiv.py --divergence hellinger --beta 650 --reward pickscore --train-steps 2000 --track
+    python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
 Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
     python rocm_fdiv.py --divergence js --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
         --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --device cpu --mixed-precision no
@@ -117,11 +117,11 @@ class Args:
     divergence: str = "kl"
     """regularizer: kl, reverse_kl (= kl here: equal step variances), hellinger, js, fisher, tv, chi2, or none (the unregularized baseline; the KL to the base is still measured and logged)"""
     reduction: Literal["per_dim", "joint"] = "per_dim"
-    """per_dim averages the divergences of the 1-D marginals; joint takes the whole latent, where hellinger, js and tv saturate over 16,384 dims and stop giving gradient"""
+    """per_dim sums the divergences of the 1-D marginals over the latent (= joint for kl, reverse_kl, fisher); joint takes the whole latent, where hellinger, js and tv saturate over 16,384 dims and stop giving gradient"""
     js_estimator: Literal["quadrature", "sampled"] = "quadrature"
     """js only: quadrature (exact) or sampled (the paper's one-draw estimate, noise seeded by seed, step and sample)"""
-    beta: float = 100.0
-    """divergence weight, in the units of --divergence and --reduction; the paper's rule: beta * train/divergence about one order of magnitude below train/reward"""
+    beta: float = 0.01
+    """divergence weight on the paper's scale (a divergence summed over the latent; kl at equal beta is rocm_kl.py); hellinger and js pull about 1/4 as hard as kl near the base at equal beta; the paper's rule: beta * train/divergence about one order of magnitude below train/reward"""
     reference_grad: bool = True
     """differentiate the reference's mean through x_k too: the exact gradient of the divergence term (off: the reference is a constant at each x_k, a cheaper biased surrogate)"""
     train_steps: int = 1000
@@ -468,7 +468,7 @@ def sample_chain(unet, latents, noises, schedule: list[ChainStep], prompt_embeds
                 value = step_divergence(divergence, mean_p, mean_q, step.sigma_next, reduction, js_estimator,
                                         generators)
                 total_divergence = total_divergence + value
-            if divergence == "kl" and reduction == "joint":
+            if divergence == "kl":  # per_dim kl is the joint kl, bit for bit
                 kl = value.detach()
             else:
                 with torch.no_grad():

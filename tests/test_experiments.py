@@ -120,3 +120,58 @@ def test_bad_input_is_a_one_line_error_before_anything_runs(tmp_path, flags, mes
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_partial_rerun_replaces_its_rows_and_keeps_the_others_from_results_json(tmp_path):
+    """Run directories are not in git but results.json is: rerunning some configurations must not drop
+    the rows of the others (nor keep a stale row of a rerun one)."""
+    out = tmp_path / "results"
+    (out / "evals").mkdir(parents=True)
+    (out / "evals" / "base.json").write_text(json.dumps({"results": {"aesthetic": 0.1}}))
+
+    def old_entry(value):
+        return {"seeds": [0], "evals": [{"aesthetic": value}], "curves": [], "summary": {"aesthetic": [value, 0.0]}}
+
+    previous = {"table1": {"rocm-none": old_entry(3.0), "rocm-kl": old_entry(1.0), "rlcm": old_entry(0.6)},
+                "beta_sweep": {"beta=0.1": old_entry(0.9)}}
+    (out / "results.json").write_text(json.dumps({"args": {}, **previous}))
+    args = experiments.Args(out=str(out), experiments=("table1",), methods=("rocm-kl", "rocm-js", "rocm-fisher"),
+                            seeds=(0,))
+    runs = experiments.plan(args)
+    for run in runs[:2]:  # rocm-kl and rocm-js finished; rocm-fisher failed
+        run.eval_file(out).parent.mkdir(parents=True, exist_ok=True)
+        run.eval_file(out).write_text(json.dumps({"results": {"aesthetic": 2.0}}))
+        write_run(run.directory(out), {"batch_size": 4, "grad_accum": 1},
+                  [{"step": 1, "train/reward": 0.5, "perf/step_time_s": 1.0, "train/kl": 0.25}])
+
+    results = experiments.collect(args, runs)
+    assert list(results["table1"]) == ["rocm-none", "rocm-kl", "rlcm", "rocm-js"]
+    assert results["table1"]["rocm-none"] == previous["table1"]["rocm-none"]
+    assert results["table1"]["rlcm"] == previous["table1"]["rlcm"]
+    assert results["beta_sweep"] == previous["beta_sweep"]
+    fresh = results["table1"]["rocm-kl"]
+    assert fresh["summary"]["aesthetic"] == (2.0, 0.0) and fresh["curves"][0]["train_kl"] == [0.25]
+    assert fresh["flags"][:4] == ["--divergence", "kl", "--beta", "0.03"]  # one beta scale: rocm_kl's best beta
+
+
+def test_headline_runs_hellinger_at_the_headline_betas_against_none_and_reports_train_kl():
+    args = experiments.Args(experiments=("headline",), seeds=(0,))
+    runs = experiments.plan(args)
+    assert [(run.method, run.flags[:4]) for run in runs] == [
+        ("rocm-none", ["--divergence", "none", "--beta", "0"]),
+        ("rocm-hellinger-beta=0.001", ["--divergence", "hellinger", "--beta", "0.001"]),
+        ("rocm-hellinger-beta=0.064", ["--divergence", "hellinger", "--beta", "0.064"])]
+    assert all(run.script == "rocm_fdiv.py" and run.flags[4:] == runs[0].flags[4:] for run in runs)
+
+    metrics = ("aesthetic", *experiments.HELD_OUT)
+    results = {"base": dict.fromkeys(metrics, 1.0), "headline": {}}
+    for run, kl in zip(runs, (9.0, 8.0, 1.0)):
+        results["headline"][run.method] = {
+            "script": run.script, "flags": run.flags, "seeds": [0, 1],
+            "curves": [{"train_kl": [0.0] * 5 + [kl] * 5}, {"train_kl": [0.0] * 5 + [kl + 2] * 5}],
+            "summary": {m: (2.0, 0.1) for m in metrics}}
+    paths = {name: experiments.Path("world/digits") / name for name in ("lcm", "clip", "aesthetic", "prompts_train.txt")}
+    report = experiments.headline_report(args, results, paths, experiments.Path("x4.txt"))
+    rows = {line.split(" |")[0]: line for line in report.splitlines() if line.startswith("| rocm-")}
+    assert rows["| rocm-hellinger-beta=0.064 (n=2)"].startswith("| rocm-hellinger-beta=0.064 (n=2) | 0.064 | 2 ± 1.4 | 1 ± 0.71 |")
+    assert "python rocm_fdiv.py --model world/digits/lcm" in report and "--divergence hellinger --beta 0.001" in report

@@ -1,5 +1,5 @@
 """rocm_fdiv.py: every divergence end to end, the regularizer at and far from the base, its pull towards
-the base, stateless JS noise, kl/joint == rocm_kl.py, bad divergence names."""
+the base, stateless JS noise, kl (either reduction) == rocm_kl.py, bad divergence names."""
 
 import functools
 import json
@@ -70,6 +70,7 @@ def tiny_main_args(tiny, tmp_path: Path, **overrides) -> rocm_fdiv.Args:
 def test_the_issue_command_line_parses():
     args = tyro.cli(rocm_fdiv.Args, args=["--divergence", "hellinger", "--beta", "1e-3"])
     assert (args.divergence, args.beta, args.reduction, args.js_estimator) == ("hellinger", 1e-3, "per_dim", "quadrature")
+    assert rocm_fdiv.Args().beta == rocm_kl.Args().beta  # one beta scale: the default kl run is rocm_kl.py's
 
 
 @pytest.mark.slow
@@ -220,13 +221,23 @@ def test_sampled_js_noise_depends_on_the_sample_alone():
     assert rocm_fdiv.micro_batch(rocm_fdiv.Args(batch_size=2), PROMPTS, 5, 1, 0, 1, (4, 2, 2), 4, "cpu")[3] is None
 
 
+def test_kl_is_one_value_under_both_reductions(lcm):
+    """per_dim sums the 1-D marginals' KLs over the latent: the joint KL, so one beta means the same in both."""
+    set_lora_b(lcm[3], 0.05)
+    with torch.no_grad():
+        _, per_dim, kl = rocm_fdiv.sample_chain(lcm[3], *chain_inputs(lcm), "kl", "per_dim")
+        _, joint, _ = rocm_fdiv.sample_chain(lcm[3], *chain_inputs(lcm), "kl", "joint")
+    assert (per_dim > 0).all() and torch.equal(per_dim, joint) and torch.equal(per_dim, kl)
+
+
 @pytest.mark.slow
-def test_kl_joint_reproduces_rocm_kl_exactly(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("reduction", ["per_dim", "joint"])
+def test_kl_reproduces_rocm_kl_exactly(tiny, tmp_path, capsys, reduction):
     settings = tiny_main_args(tiny, tmp_path / "kl", beta=0.1).__dict__
     settings = {k: v for k, v in settings.items() if k not in ("exp_name", "divergence", "reduction", "js_estimator")}
     rocm_kl.main(rocm_kl.Args(**settings))
     reference = run_dir_of(capsys.readouterr().out)
-    rocm_fdiv.main(tiny_main_args(tiny, tmp_path / "fdiv", beta=0.1, divergence="kl", reduction="joint"))
+    rocm_fdiv.main(tiny_main_args(tiny, tmp_path / "fdiv", beta=0.1, divergence="kl", reduction=reduction))
     ours = run_dir_of(capsys.readouterr().out)
     expected = load_file(reference / "final" / "pytorch_lora_weights.safetensors")
     actual = load_file(ours / "final" / "pytorch_lora_weights.safetensors")
