@@ -26,7 +26,7 @@ The original RLCM code (github.com/Owen-Oertell/rlcm) accumulates the gradient o
 step) pair of its one sampling batch per iteration and takes ONE Adam step (no weight decay, LinearLR
 decay): its ratios are all 1 and its clipping never acts, a normalized-advantage policy gradient.
 The defaults here step every 4 minibatches, so clipping acts; `--sample-batches 1 --grad-accum 0
---weight-decay 0 --lr-schedule linear --lr-end-factor 0.667` trains as RLCM did (README: "original
+--weight-decay 0 --lr-schedule linear --lr-end-factor 0.667` trains as RLCM did (docs/rlcm_ppo.md: "original
 RLCM vs rlcm_ppo.py"). Other differences: no fake noise is added to the deterministic last step (it
 is not trained on); the timesteps are diffusers' (K=8: ..., 499, 379, 259, 139; RLCM's patched
 scheduler: ..., 519, 399, 279, 159); every random draw (prompts, chain noise, minibatch shuffles) is

@@ -132,7 +132,7 @@ RLCM_TRAINING = ["--sample-batches", "1", "--grad-accum", "0", "--weight-decay",
 
 
 def test_rlcm_training_semantics_take_one_step_per_iteration_at_ratio_one(tiny, run_script):
-    """The README's original-RLCM flags: the gradient of every (sample, step) pair of the iteration, ONE
+    """docs/rlcm_ppo.md's original-RLCM flags: the gradient of every (sample, step) pair of the iteration, ONE
     optimizer step, so every ratio is 1 up to float rounding and clipping never acts; the LR decays linearly.
     Stepping after every minibatch instead (the same run with --grad-accum 1) makes the later ratios move."""
     def train_metrics(*flags):
