@@ -1138,6 +1138,11 @@ def main(args: Args) -> None:
         if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
             run_evaluation(step)
 
+    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
+        set_lora(unet, good["lora"])
+        if is_main:
+            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
+                  f"weights of step {good['step']}, the last with a finite loss")
     if world_size > 1:
         check_ranks_in_sync(lora_params)
         if is_main:

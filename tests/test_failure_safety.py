@@ -78,6 +78,7 @@ def assert_finite(checkpoint: Path) -> None:
 
 # --- 1, 2: the guard and changed flags on resume ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_guard_points_at_the_last_finite_weights_and_prunes_nothing(tiny, run_script, run_copy):
     checkpoints = run_copy / "checkpoints"
     step_4 = (checkpoints / "step_000004" / "training_state.pt").read_bytes()
@@ -106,6 +107,7 @@ def test_guard_points_at_the_last_finite_weights_and_prunes_nothing(tiny, run_sc
     assert len(records) == 2 and '"lr": [0.01, 0.001]' in records[1]
 
 
+@pytest.mark.slow
 def test_guard_saves_the_state_before_the_update_that_broke_the_weights(tiny, run_script):
     result = run_script("rocm_kl.py", *tiny_args(tiny, steps=20), "--eval-rewards", "--lr", "1e10",
                         "--max-nonfinite-steps", "2")
@@ -119,6 +121,18 @@ def test_guard_saves_the_state_before_the_update_that_broke_the_weights(tiny, ru
                          str(saved))
     assert resumed.returncode == 0 and "non-finite" not in resumed.stdout, resumed.stdout[-2000:]
     assert "resumed at step 0" in resumed.stdout and "step 1/1 reward" in resumed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["rocm_kl.py", "rocm_fdiv.py", "rlcm_ppo.py", "cm_dpo.py"])
+def test_a_run_ending_in_a_non_finite_streak_saves_the_last_finite_weights(script, tiny, run_script):
+    """Fewer non-finite steps than --max-nonfinite-steps at the end: the run finishes, but final/ must not hold the
+    weights that gave the non-finite loss (before, it saved them)."""
+    result = run_script(script, *tiny_args(tiny, steps=3), "--eval-rewards", "--lr", "1e10",
+                        "--max-nonfinite-steps", "10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: the run ended with" in result.stdout and "the last with a finite loss" in result.stdout
+    assert_finite(run_dir_of(result.stdout) / "final")
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -175,6 +189,7 @@ def test_two_runs_started_in_the_same_second_get_two_directories(script, tmp_pat
     assert second.name == first.name + "_2"
 
 
+@pytest.mark.slow
 def test_a_run_directory_in_use_refuses_a_second_process(tiny, run_script, run_copy):
     lock = importlib.import_module("rocm_kl").lock_run_dir(run_copy)  # as if this process trained there
     result = run_script("rocm_kl.py", *tiny_args(tiny), "--eval-rewards", "--resume", str(run_copy))
