@@ -48,8 +48,8 @@ This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact 
 LatentConsistencyModelPipeline), pair construction, losses, training, evaluation, logging, saving.
 
 Run (GPU, real model):
-    python cm_dpo.py --reward pickscore --beta 0.3 --train-steps 2000 --track
-    python cm_dpo.py --pairs offline --pairs-file pairs.jsonl --beta 0.3 --train-steps 2000 --track
+    python cm_dpo.py --reward pickscore --train-steps 2000 --track
+    python cm_dpo.py --pairs offline --pairs-file pairs.jsonl --train-steps 2000 --track
 Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
     python cm_dpo.py --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
         --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --num-inference-steps 4 --batch-size 2 \
@@ -158,8 +158,8 @@ class Args:
     """online pairs: training prompts, one per line (unset: the repo's prompts/train.txt)"""
     eval_prompts_file: Optional[str] = None
     """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
-    beta: float = 0.3
-    """DPO temperature on the trajectory log-ratio per latent dimension (each step's log-ratio divided by the latent's size, so it means the same at every resolution)"""
+    beta: Optional[float] = None
+    """DPO temperature on the trajectory log-ratio per latent dimension, so it means the same at every resolution (unset: 0.3 for offline pairs, 3 for online pairs, whose margins are about 100x smaller)"""
     dpo_form: Literal["logratio", "seed"] = "logratio"
     """per-step term: the exact log-ratio, or the seed's literal divergence from the reference (pushes winners away)"""
     eps: float = 0.1
@@ -196,6 +196,10 @@ class Args:
     """images per batch during evaluation"""
     max_nonfinite_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"""
+
+    def __post_init__(self):
+        if self.beta is None:  # online pairs come from the policy itself: ~100x smaller margins (docs/cm_dpo.md)
+            self.beta = 0.3 if self.pairs == "offline" else 3.0
 
 
 # flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x

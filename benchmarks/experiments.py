@@ -80,8 +80,8 @@ class Args:
     """learning rate of every method"""
     kl_beta: float = 0.03
     """Table 1's KL weight (the sweep's best rocm_kl beta; rocm_fdiv's per_dim KL is the joint KL); see BETA_FACTORS"""
-    dpo_beta: float = 0.3
-    """CM-DPO's beta (cm_dpo.py's default; log-ratios per latent dimension)"""
+    dpo_beta: float = 3.0
+    """CM-DPO's beta (cm_dpo.py's default for online pairs; log-ratios per latent dimension)"""
     betas: tuple[float, ...] = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     """rocm_kl.py's (joint) KL weights for the beta sweep"""
     headline_betas: tuple[float, ...] = (1e-3, 0.064)
