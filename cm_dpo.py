@@ -755,7 +755,7 @@ class CmDpoObjective(torch.nn.Module):
 # --------------------------------------------------------------------------------------------
 
 def derived_seed(*keys: int) -> int:
-    """A seed derived from (seed, step, micro-batch[, pair, use]). Stateless: runs resume exactly, ranks differ."""
+    """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 

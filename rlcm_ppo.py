@@ -230,9 +230,9 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
                              "SDXL-style LCMs are not supported (yet); pass an SD1.5-style LCM such as "
                              "SimianLuo/LCM_Dreamshaper_v7")
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
         scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     except Exception as error:  # hub and file errors come in many types; all mean the same here
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -243,7 +243,7 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
         raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
-        module.to(device, dtype=weight_dtype)
+        module.to(device)
     return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
 
 
@@ -639,7 +639,7 @@ class PpoObjective(torch.nn.Module):
 # --------------------------------------------------------------------------------------------
 
 def derived_seed(*keys: int) -> int:
-    """A seed derived from (seed, iteration, sampling batch[, sample]). Stateless: runs resume exactly, ranks differ."""
+    """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -676,6 +676,7 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def global_mean(values: torch.Tensor, world_size: int) -> float:
+    """Mean over every rank's values (nan where there are none, e.g. every online pair was a tie)."""
     total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
     if world_size > 1:
         dist.all_reduce(total)

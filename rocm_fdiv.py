@@ -531,7 +531,7 @@ JS_STREAM = 1  # the last key of the seeds of the sampled JS estimate's noise
 
 
 def derived_seed(*keys: int) -> int:
-    """A seed derived from (seed, step, micro-batch[, sample]). Stateless: runs resume exactly, ranks differ."""
+    """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -573,6 +573,7 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def global_mean(values: torch.Tensor, world_size: int) -> float:
+    """Mean over every rank's values (nan where there are none, e.g. every online pair was a tie)."""
     total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
     if world_size > 1:
         dist.all_reduce(total)
