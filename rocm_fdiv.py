@@ -96,7 +96,7 @@ class Args:
     channels_last: bool = False
     """store the UNet and VAE in channels_last memory format (same results up to float rounding)"""
     compile: bool = False
-    """torch.compile the UNet's blocks and the VAE decoder in place (CUDA only; regional: same LoRA names)"""
+    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; same LoRA names)"""
 
     # general
     exp_name: str = Path(__file__).stem
