@@ -1,23 +1,19 @@
 """ROCM with a chosen f-divergence: the same reward-through-the-chain training, different regularizers.
 
-Paper: "RLHF on Consistency Models" (ROCM), whose main comparison trains the same model with
-different f-divergences as the regularizer. A latent consistency model samples in K steps; every
-step but the last is a Gaussian policy p_k(x_{k-1} | x_k, c) = N(alpha'_k f_theta(x_k), sigma'^2_k I).
-The chain is reparameterized (x_{k-1} = alpha' f_theta(x_k) + sigma' z), so the reward of the final
-image is differentiable in the LoRA weights through all K steps. ROCM maximizes
+Paper: "RLHF on Consistency Models" (ROCM). Every LCM step but the last is a Gaussian policy p_k(x_{k-1} | x_k, c)
+= N(alpha'_k f_theta(x_k), sigma'^2_k I), reparameterized (x_{k-1} = alpha' f_theta(x_k) + sigma' z), so the reward
+of the final image is differentiable in the LoRA weights through all K steps. ROCM maximizes
 
     E_z [ R(decode(x_0), c) - beta * sum_{k=1}^{K-1} D_f(p_k(. | theta, x_k, c) || p_k(. | theta_ref, x_k, c)) ]
 
-with the frozen base model as reference (the same UNet with LoRA adapters disabled) and D_f one of
-KL, reverse KL, squared Hellinger, Jensen-Shannon, Fisher, total variation, chi-squared (closed
-forms for equal-variance Gaussians in common.gaussian_divergence), or none (the unregularized
-baseline). Whatever D_f is, the joint KL is logged too (train/kl), from the same reference pass, so
-runs with different regularizers share one axis.
-Both means are evaluated at the chain's own x_k, which depends on theta: the gradient follows
-x_k into the reference too (--reference-grad, the exact gradient of the objective).
+    x_K -> x_0 through f_theta           sample_chain (lcm_schedule, consistency_fn)
+    p_k(. | theta_ref), the frozen base  reference_fn (the same UNet with its LoRA adapters off)
+    D_f of two equal-variance Gaussians  step_divergence (closed forms in common.gaussian_divergence)
+    -R + beta * sum D_f, batch mean      rocm_loss; RocmObjective: chain, decode, reward and loss in one forward
 
-This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact with diffusers'
-LatentConsistencyModelPipeline), gradient checkpointing, loss, training, evaluation, logging, saving.
+D_f: kl, reverse_kl, hellinger, js, fisher, tv, chi2, or none (the baseline). The joint KL is logged too (train/kl,
+from the same reference pass), so runs with different regularizers share one axis. The reference's mean is taken at
+the chain's own x_k, which depends on theta: the gradient follows x_k into it (--reference-grad, the exact one).
 
 Run (GPU, real model):
     python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
@@ -25,7 +21,6 @@ Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`
     python rocm_fdiv.py --divergence js --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
         --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --device cpu --mixed-precision no
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -50,11 +45,59 @@ import tyro
 
 from common import DIVERGENCES, REWARDS, gaussian_divergence, load_reward, missing_local_directory
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-
 
 @dataclass
 class Args:
+    # algorithm
+    divergence: str = "kl"
+    """kl, reverse_kl (= kl: equal step variances), hellinger, js, fisher, tv, chi2, or none (KL still logged)"""
+    reduction: Literal["per_dim", "joint"] = "per_dim"
+    """per_dim: sum over the latent's 1-D marginals (= joint for kl); joint hellinger, js, tv saturate: no gradient"""
+    js_estimator: Literal["quadrature", "sampled"] = "quadrature"
+    """js only: quadrature (exact) or sampled (the paper's one-draw estimate, noise seeded by seed, step and sample)"""
+    beta: float = 0.01
+    """weight of the summed divergence (kl: rocm_kl.py's); hellinger, js pull ~1/4 as hard; paper: beta*D ~ R/10"""
+    reference_grad: bool = True
+    """differentiate the reference through x_k too: the exact gradient (off: cheaper, biased away from the base)"""
+    reward: str = "pickscore"
+    """reward to maximize, NAME or NAME=PATH (hub id or dir); differentiable: pickscore, hpsv2, clipscore, aesthetic"""
+    prompts_file: Optional[str] = None
+    """training prompts, one per line (unset: the repo's prompts/train.txt)"""
+    train_steps: int = 1000
+    """number of optimizer steps"""
+    batch_size: int = 1
+    """images per micro-batch"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 6e-5
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (global L2 norm)"""
+
+    # model
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the paper trains at 512)"""
+    num_inference_steps: int = 8
+    """K, the number of LCM sampling steps"""
+    guidance_scale: float = 8.5
+    """LCM guidance scale; the UNet is conditioned on w = guidance_scale - 1 (omega 7.5 in the paper)"""
+    lora_rank: int = 16
+    """LoRA rank on the UNet attention projections"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale alpha / rank)"""
+    gradient_checkpointing: bool = True
+    """recompute each UNet call in the backward pass instead of storing its activations"""
+    checkpoint_decode: bool = False
+    """also recompute the VAE decode and the reward in the backward pass (less memory at high resolution)"""
+    channels_last: bool = False
+    """store the UNet and VAE in channels_last memory format (same results up to float rounding)"""
+    compile: bool = False
+    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; same LoRA names)"""
+
     # general
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
@@ -76,68 +119,18 @@ class Args:
     """print and log training metrics every this many optimizer steps"""
     eval_every: int = 100
     """evaluate on held-out prompts every this many optimizer steps (0: only at the start and end)"""
+    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
+    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
+    eval_prompts_file: Optional[str] = None
+    """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
+    eval_batch_size: int = 8
+    """images per batch during evaluation"""
     save_every: int = 0
     """save a resumable checkpoint (LoRA + optimizer state) every this many optimizer steps (0: never)"""
     checkpoint_limit: int = 3
     """keep at most this many checkpoints (the oldest are deleted)"""
     resume: Optional[str] = None
     """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
-
-    # model
-    model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub id or local directory of a LatentConsistencyModelPipeline"""
-    resolution: int = 512
-    """image side in pixels (the paper trains at 512)"""
-    num_inference_steps: int = 8
-    """K, the number of LCM sampling steps"""
-    guidance_scale: float = 8.5
-    """LCM guidance scale; the UNet is conditioned on w = guidance_scale - 1 (omega 7.5 in the paper)"""
-    lora_rank: int = 16
-    """LoRA rank on the UNet attention projections"""
-    lora_alpha: int = 32
-    """LoRA alpha (scale alpha / rank)"""
-    gradient_checkpointing: bool = True
-    """recompute each UNet call in the backward pass instead of storing its activations"""
-    checkpoint_decode: bool = False
-    """also recompute the VAE decode and the reward in the backward pass (less memory at high resolution)"""
-    channels_last: bool = False
-    """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs; same results up to float rounding)"""
-    compile: bool = False
-    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; regional: short compile, same LoRA names)"""
-
-    # algorithm
-    reward: str = "pickscore"
-    """reward to maximize: NAME or NAME=PATH (hub id or local dir); differentiable: pickscore, hpsv2, clipscore, aesthetic"""
-    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
-    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
-    prompts_file: Optional[str] = None
-    """training prompts, one per line (unset: the repo's prompts/train.txt)"""
-    eval_prompts_file: Optional[str] = None
-    """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
-    divergence: str = "kl"
-    """regularizer: kl, reverse_kl (= kl here: equal step variances), hellinger, js, fisher, tv, chi2, or none (the unregularized baseline; the KL to the base is still measured and logged)"""
-    reduction: Literal["per_dim", "joint"] = "per_dim"
-    """per_dim sums the divergences of the 1-D marginals over the latent (= joint for kl, reverse_kl, fisher); joint takes the whole latent, where hellinger, js and tv saturate over 16,384 dims and stop giving gradient"""
-    js_estimator: Literal["quadrature", "sampled"] = "quadrature"
-    """js only: quadrature (exact) or sampled (the paper's one-draw estimate, noise seeded by seed, step and sample)"""
-    beta: float = 0.01
-    """divergence weight on the paper's scale (a divergence summed over the latent; kl at equal beta is rocm_kl.py); hellinger and js pull about 1/4 as hard as kl near the base at equal beta; the paper's rule: beta * train/divergence about one order of magnitude below train/reward"""
-    reference_grad: bool = True
-    """differentiate the reference's mean through x_k too: the exact gradient of the divergence term (off: the reference is a constant at each x_k, a cheaper biased surrogate)"""
-    train_steps: int = 1000
-    """number of optimizer steps"""
-    batch_size: int = 1
-    """images per micro-batch"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step"""
-    lr: float = 6e-5
-    """AdamW learning rate"""
-    weight_decay: float = 0.0
-    """AdamW weight decay on the LoRA weights"""
-    max_grad_norm: float = 1.0
-    """gradient clipping threshold (global L2 norm)"""
-    eval_batch_size: int = 8
-    """images per batch during evaluation"""
     max_nonfinite_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"""
 
@@ -146,6 +139,451 @@ class Args:
 # ranks, fixes the sample stream); every other flag may change on resume and takes effect
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "global_batch", "grad_accum", "divergence", "reduction")
+
+
+# --------------------------------------------------------------------------------------------
+# ALGORITHM: the LCM sampling chain (identical in all four scripts)
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
+    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
+    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w.float()[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(device)
+
+
+@dataclass
+class ChainStep:
+    """One LCM step from timestep t. The coefficients are scalars on the sampling chain and (B, 1, 1, 1), with t
+    of shape (B,), where every sample has its own step. *_next: the noise towards the next timestep t', which
+    makes the step the Gaussian policy N(alpha_next f(x_t), sigma_next^2 I); None on the last, deterministic step."""
+
+    t: torch.Tensor
+    alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
+    sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
+    c_skip: torch.Tensor  # the boundary-condition scalings of f = c_skip x + c_out x0_hat
+    c_out: torch.Tensor
+    alpha_next: Optional[torch.Tensor] = None
+    sigma_next: Optional[torch.Tensor] = None
+
+
+def chain_step(scheduler, t: torch.Tensor, t_next: Optional[torch.Tensor], device) -> ChainStep:
+    """The step from t towards t_next (None: the last step), its coefficients as LCMScheduler.step computes them."""
+    acp, scaled, sigma_data = scheduler.alphas_cumprod, t.cpu() * scheduler.config.timestep_scaling, 0.5
+    values = dict(alpha=acp[t.cpu()].sqrt(), sigma=(1 - acp[t.cpu()]).sqrt(),
+                  c_skip=sigma_data**2 / (scaled**2 + sigma_data**2), c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5)
+    if t_next is not None:
+        values.update(alpha_next=acp[t_next.cpu()].sqrt(), sigma_next=(1 - acp[t_next.cpu()]).sqrt())
+    shape = (-1, 1, 1, 1) if t.ndim else ()
+    return ChainStep(t=t.to(device), **{name: value.reshape(shape).to(device) for name, value in values.items()})
+
+
+def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
+    """The K steps of the sampling chain, at the timesteps LatentConsistencyModelPipeline uses."""
+    scheduler.set_timesteps(num_steps, device="cpu")
+    timesteps = list(scheduler.timesteps)
+    return [chain_step(scheduler, t, t_next, device) for t, t_next in zip(timesteps, timesteps[1:] + [None])]
+
+
+def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
+    x0_hat = (x - step.sigma * eps) / step.alpha
+    return step.c_out * x0_hat + step.c_skip * x
+
+
+def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f_ref(x_t): the frozen base, which is the same UNet with its LoRA adapters switched off (never a copy).
+
+    The switch sits inside the function, so a gradient-checkpoint recomputation in the backward
+    pass recomputes the reference too, not the policy.
+    """
+    unet.disable_adapters()
+    try:
+        return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
+    finally:
+        unet.enable_adapters()
+
+
+def unet_call(fn, checkpoint: bool, *inputs) -> torch.Tensor:
+    """fn(*inputs), recomputed in the backward pass instead of storing its activations if checkpoint is set."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
+
+
+def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
+    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
+    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
+    return latents, noises
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+# --------------------------------------------------------------------------------------------
+# ALGORITHM: ROCM with an f-divergence: per-step divergence, chain with reference, loss, objective, batch
+# --------------------------------------------------------------------------------------------
+
+def step_divergence(divergence: str, mean: torch.Tensor, reference_mean: torch.Tensor, std, reduction: str,
+                    js_estimator: str, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
+    """D_f(N(mean, std^2 I) || N(reference_mean, std^2 I)), one value per sample.
+
+    The sampled JS estimate draws each sample's noise from that sample's own generator (None: the
+    global one), so the draws depend on the sample alone: N ranks with batch b see what one process
+    with batch N*b sees, and a resumed run draws what the uninterrupted one drew.
+    """
+    if divergence == "js" and js_estimator == "sampled":
+        generators = generators or [None] * mean.shape[0]
+        return torch.cat([gaussian_divergence("js", m[None], r[None], std, reduction, "sampled", generator)
+                          for m, r, generator in zip(mean, reference_mean, generators)])
+    return gaussian_divergence(divergence, mean, reference_mean, std, reduction, js_estimator)
+
+
+def sample_chain(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
+                 divergence: Optional[str] = None, reduction: str = "per_dim", js_estimator: str = "quadrature",
+                 generators: Optional[list[torch.Generator]] = None, reference_grad: bool = True,
+                 checkpoint: bool = False):
+    """Run the K-step chain with gradients; return (final latent x_0, per-sample sum of step divergences,
+    per-sample sum of step KLs).
+
+    Given a divergence (even "none", whose value is 0: its runs log the KL too), the reference's mean
+    at every stochastic step comes from the frozen base at the same x_k; that one pass gives both the
+    chosen divergence (with gradient) and the joint KL (without, for logging). x_k depends on theta
+    through the earlier steps, and so does f_ref(x_k): reference_grad keeps that path, which makes
+    the divergence's gradient the exact gradient of the objective; without it the reference is a
+    constant at each x_k (no_grad, about a quarter cheaper per step), a biased surrogate whose error
+    is zero at the base and grows with the policy's distance from it. divergence=None (plain
+    sampling) skips the reference and returns zeros. The last step adds no noise, so it is no
+    policy step and contributes no divergence.
+    """
+    x = latents
+    total_divergence = torch.zeros(latents.shape[0], device=latents.device)
+    total_kl = torch.zeros(latents.shape[0], device=latents.device)
+    for k, step in enumerate(schedule):
+        denoised = unet_call(consistency_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
+        if step.alpha_next is None:
+            return denoised, total_divergence, total_kl
+        mean = step.alpha_next * denoised
+        if divergence is not None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and reference_grad and divergence != "none"):
+                reference = unet_call(reference_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
+            mean_p, mean_q = mean.float(), (step.alpha_next * reference).float()
+            if divergence != "none":
+                value = step_divergence(divergence, mean_p, mean_q, step.sigma_next, reduction, js_estimator,
+                                        generators)
+                total_divergence = total_divergence + value
+            if divergence == "kl":  # per_dim kl is the joint kl, bit for bit
+                kl = value.detach()
+            else:
+                with torch.no_grad():
+                    kl = gaussian_divergence("kl", mean_p, mean_q, step.sigma_next)
+            total_kl = total_kl + kl
+        x = mean + step.sigma_next * noises[k]
+    raise AssertionError("the schedule has no final step")
+
+
+def rocm_loss(rewards: torch.Tensor, divergence: torch.Tensor, beta: float) -> torch.Tensor:
+    """Negative regularized reward, averaged over the batch.
+
+    At beta 0 the divergence is only measured: leaving it out keeps an infinite one (chi2 far from
+    the base) from turning the loss into 0 * inf = nan.
+    """
+    return (-rewards).mean() if beta == 0 else (-rewards + beta * divergence).mean()
+
+
+class RocmObjective(torch.nn.Module):
+    """The loss of one micro-batch as a single forward: chain with gradients, decode, reward.
+
+    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one
+    forward per backward it expects, although the chain calls the UNet K times, plus reference
+    passes and checkpoint recomputations, before the single backward.
+    """
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, reward_fn, schedule: list[ChainStep], *,
+                 divergence: str = "kl", beta: float = 0.01, reduction: str = "per_dim",
+                 js_estimator: str = "quadrature", reference_grad: bool = True, checkpoint: bool = True,
+                 checkpoint_decode: bool = False):
+        super().__init__()
+        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.reward_fn, self.schedule, self.divergence, self.beta = reward_fn, schedule, divergence, beta
+        self.reduction, self.js_estimator, self.checkpoint = reduction, js_estimator, checkpoint
+        # at beta 0 the divergence is only logged: its reference pass needs no gradient
+        self.reference_grad, self.checkpoint_decode = reference_grad and beta > 0, checkpoint_decode
+
+    def forward(self, prompts: list[str], latents, noises, w_embedding, generators=None):
+        """Returns (loss, per-sample rewards, per-sample divergence, per-sample KL)."""
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        final, divergence, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding,
+                                             self.divergence, self.reduction, self.js_estimator, generators,
+                                             reference_grad=self.reference_grad, checkpoint=self.checkpoint)
+
+        def score(z):
+            return self.reward_fn(decode(self.vae, z), prompts)
+
+        rewards = torch.utils.checkpoint.checkpoint(score, final, use_reentrant=False) if self.checkpoint_decode \
+            else score(final)
+        rewards = rewards.float()
+        return rocm_loss(rewards, divergence, self.beta), rewards, divergence, kl
+
+
+JS_STREAM = 1  # the last key of the seeds of the sampled JS estimate's noise
+
+
+def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size: int, rank: int, world_size: int,
+                latent_shape: tuple, num_steps: int, device, sampled_js: bool = False):
+    """This rank's slice of the global micro-batch: its prompts, initial latents, chain noise and, for the
+    sampled JS estimate (sampled_js), one generator per sample (else None).
+
+    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
+    samples one process with batch N*b sees.
+    """
+    chosen = random.Random(derived_seed(seed, step, micro)).choices(prompts, k=batch_size * world_size)
+    mine = range(rank * batch_size, (rank + 1) * batch_size)
+    draws = [draw_chain_noise((1, *latent_shape), num_steps,
+                              torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i)), device)
+             for i in mine]
+    latents = torch.cat([latent for latent, _ in draws])
+    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+    generators = None
+    if sampled_js:  # a stream apart from the chain noise's
+        generators = [torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i, JS_STREAM))
+                      for i in mine]
+    return [chosen[i] for i in mine], latents, noises, generators
+
+
+def main(args: Args) -> None:
+    started = time.time()
+    validate(args)
+    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
+    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    run = run_record(args, world_size)
+    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
+    torch.manual_seed(args.seed)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
+
+    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
+    quiet_loaders()
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    if is_main:
+        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    if args.num_inference_steps > scheduler.config.original_inference_steps:
+        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
+                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
+    try:
+        reward_fn = load_reward_spec(args.reward, device, weight_dtype)
+    except (FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"error: {error}")
+    if not reward_fn.differentiable:
+        raise SystemExit(f"error: reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
+                         "(pickscore, hpsv2, clipscore, aesthetic) or use rlcm_ppo.py")
+    eval_rewards = {}
+    for spec in args.eval_rewards if is_main else ():
+        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
+            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            print(f"warning: skipping evaluation reward: {error}")
+    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    speed_up(unet, vae, args.channels_last, args.compile)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    models = (tokenizer, text_encoder, vae, unet)
+    objective = RocmObjective(tokenizer, text_encoder, vae, unet, reward_fn, schedule, divergence=args.divergence,
+                              beta=args.beta, reduction=args.reduction, js_estimator=args.js_estimator,
+                              reference_grad=args.reference_grad, checkpoint=args.gradient_checkpointing,
+                              checkpoint_decode=args.checkpoint_decode)
+    latent_shape = (unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
+    w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
+
+    start_step = 0
+    if resumed:
+        start_step = load_checkpoint(resumed, unet, optimizer, grad_scaler, args)
+        run_dir = resumed["path"].parent.parent
+    else:
+        run_dir = new_run_dir(args, is_main, world_size)
+        lock = lock_run_dir(run_dir) if is_main else None
+    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if is_main:
+        record_args(run_dir, args, resumed)
+        print(f"run directory: {run_dir}" + (f" (resumed at step {start_step})" if args.resume else ""))
+        print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
+              f"{args.batch_size * args.grad_accum * world_size} images per optimizer step")
+        if args.track:
+            wandb = start_wandb(args, run_dir)
+
+    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
+        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            wandb.log({**metrics, **(media or {})}, step=step)
+
+    final_scores, scored_step = {}, None
+
+    def run_evaluation(step: int) -> None:
+        nonlocal final_scores, scored_step
+        if is_main:
+            unet.eval()
+            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
+            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
+            for reward in eval_rewards.values():
+                reward.to("cpu")
+            grid = run_dir / "samples" / f"step_{step:06d}.png"
+            save_image_grid(images, grid)
+            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            final_scores, scored_step = metrics, step
+            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
+            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
+                eval_prompts))} if args.track else None)
+        if world_size > 1:
+            dist.barrier()
+
+    if start_step == 0:
+        run_evaluation(0)
+    elapsed_offset = elapsed_before(run_dir, start_step) if is_main else 0.0
+    loop_started = time.perf_counter()
+    nonfinite_in_a_row = skipped_steps = 0
+    good = None  # the newest training state whose weights gave a finite loss
+    sampled_js = args.divergence == "js" and args.js_estimator == "sampled"
+    for step in range(start_step + 1, args.train_steps + 1):
+        # ---- sample and loss: the chain with gradients is the sample, its reward and divergence the loss
+        unet.train()
+        start = time.perf_counter()
+        losses, rewards, divergences, kls, nonfinite = [], [], [], [], False
+        try:
+            for micro in range(args.grad_accum):
+                prompts, latents, noises, generators = micro_batch(
+                    args.seed, train_prompts, step, micro, args.batch_size, rank, world_size, latent_shape,
+                    len(schedule), device, sampled_js)
+                # ranks all-reduce gradients only in the last micro-batch's backward
+                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 or world_size == 1 \
+                    else objective.no_sync()
+                with sync:
+                    with autocast:
+                        loss, reward, divergence, kl = objective(prompts, latents, noises, w_embedding, generators)
+                    # a non-finite loss still runs backward, so every rank joins the same all-reduce;
+                    # its non-finite gradient then makes all ranks skip the update together
+                    nonfinite |= not torch.isfinite(loss).item()
+                    grad_scaler.scale(loss / args.grad_accum).backward()
+                losses.append(loss.detach().reshape(1))
+                rewards.append(reward.detach())
+                divergences.append(divergence.detach())
+                kls.append(kl)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: out of memory at step {step}; lower --batch-size (raise --grad-accum to keep "
+                             "the effective batch), keep --gradient-checkpointing, add --checkpoint-decode, "
+                             "or lower --resolution")
+        # ---- update (skipped, on every rank, when the loss or gradient is non-finite)
+        grad_scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+        nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
+        if nonfinite:
+            nonfinite_in_a_row += 1
+            skipped_steps += 1
+            grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
+            if is_main:
+                print(f"warning: step {step}: non-finite loss or gradient, update skipped "
+                      f"({nonfinite_in_a_row} in a row)")
+                log({"train/skipped_steps": skipped_steps}, step)
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                fix = "lower --lr or use --mixed-precision bf16/no"
+                if args.divergence == "chi2":  # exp(d2) - 1 overflows float32 once d2 passes 88
+                    fix += ", or a bounded --divergence (chi2 overflows far from the base)"
+                stop_non_finite(run_dir, unet, good, is_main,
+                                f"{nonfinite_in_a_row} non-finite steps in a row at step {step}", fix)
+        else:
+            # the update that makes the weights non-finite shows only in the next loss: keep the state before it
+            good = training_state(step - 1, unet, optimizer, grad_scaler, run)
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+            nonfinite_in_a_row = 0
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - start
+
+        # ---- log
+        if not nonfinite and step % args.log_every == 0:
+            metrics = {"train/reward": global_mean(torch.cat(rewards), world_size),
+                       "train/divergence": global_mean(torch.cat(divergences), world_size),
+                       "train/kl": global_mean(torch.cat(kls), world_size)}
+            samples_per_s = args.batch_size * args.grad_accum * world_size / step_time
+            metrics.update({"train/loss": global_mean(torch.cat(losses), world_size),
+                            "train/grad_norm": grad_norm.item(),
+                            "perf/step_time_s": step_time, "perf/samples_per_s": samples_per_s})
+            if is_main:
+                elapsed_s = elapsed_offset + time.time() - started
+                images_per_step = args.batch_size * args.grad_accum * world_size  # one reward query each
+                metrics.update(cost_metrics(step, images_per_step, images_per_step, elapsed_s, device))
+                timing = progress_text(elapsed_s, loop_started, step - start_step, args.train_steps - step)
+                print(f"step {step}/{args.train_steps} reward {metrics['train/reward']:.4f} "
+                      f"{args.divergence}/{args.reduction} {metrics['train/divergence']:.4g} "
+                      f"kl {metrics['train/kl']:.4g} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s "
+                      f"| {timing}")
+                log(metrics, step)
+        # ---- save / evaluate (not after a non-finite loss: it came from these weights)
+        if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
+            if is_main:
+                save_checkpoint(run_dir, unet, training_state(step, unet, optimizer, grad_scaler, run),
+                                args.checkpoint_limit)
+            if world_size > 1:
+                dist.barrier()
+        if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
+            run_evaluation(step)
+
+    # ---- final weights, evaluation and model card
+    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
+        set_lora(unet, good["lora"])
+        if is_main:
+            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
+                  f"weights of step {good['step']}, the last with a finite loss")
+    if world_size > 1:
+        check_ranks_in_sync(lora_params)
+        if is_main:
+            print(f"LoRA weights identical on all {world_size} ranks")
+    if args.train_steps > start_step:
+        run_evaluation(args.train_steps)
+    if is_main:
+        final_dir = save_final(unet, run_dir)
+        write_model_card(final_dir, args, final_scores, scored_step)
+        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
+        if args.track:
+            wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+# ============================================================================================
+# INFRASTRUCTURE: loading, prompts, rewards, seeds, ranks, checkpoints, run directories, evaluation,
+# logging, validation (phase 2 replaces this section with the block shared by all four scripts)
+# ============================================================================================
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,10 +757,6 @@ def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
     return load_reward(name, path or None, device=device, dtype=dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# The LCM sampling chain
-# --------------------------------------------------------------------------------------------
-
 def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
     """One warning for the prompts longer than the text encoder's token limit (encode_prompts cuts them silently)."""
     unique = list(dict.fromkeys(prompts))
@@ -333,228 +767,15 @@ def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
               f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-
-
-def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
-    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
-    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
-    half = dim // 2
-    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    angles = w.float()[:, None] * frequencies[None, :]
-    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2 == 1:
-        embedding = torch.nn.functional.pad(embedding, (0, 1))
-    return embedding.to(device)
-
-
-@dataclass
-class ChainStep:
-    """Coefficients of one LCM step at timestep t; *_next describe the noise added towards t'."""
-
-    t: torch.Tensor
-    alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
-    sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
-    c_skip: torch.Tensor
-    c_out: torch.Tensor
-    alpha_next: Optional[torch.Tensor]  # None on the last, deterministic step
-    sigma_next: Optional[torch.Tensor]
-
-
-def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
-    """The scheduler's timesteps and boundary-condition scalings, computed as LCMScheduler.step does."""
-    scheduler.set_timesteps(num_steps, device=device)
-    timesteps = scheduler.timesteps
-    acp = scheduler.alphas_cumprod
-    sigma_data = 0.5
-    steps = []
-    for i, t in enumerate(timesteps):
-        scaled = t.cpu() * scheduler.config.timestep_scaling
-        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-        c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
-        alpha_prod = acp[t.cpu()]
-        step = dict(t=t, alpha=alpha_prod.sqrt(), sigma=(1 - alpha_prod).sqrt(), c_skip=c_skip, c_out=c_out,
-                    alpha_next=None, sigma_next=None)
-        if i + 1 < len(timesteps):
-            next_prod = acp[timesteps[i + 1].cpu()]
-            step.update(alpha_next=next_prod.sqrt(), sigma_next=(1 - next_prod).sqrt())
-        steps.append(ChainStep(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in step.items()}))
-    return steps
-
-
-def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
-    eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
-    x0_hat = (x - step.sigma * eps) / step.alpha
-    return step.c_out * x0_hat + step.c_skip * x
-
-
-def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
-    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
-    return latents, noises
-
-
-def step_divergence(divergence: str, mean: torch.Tensor, reference_mean: torch.Tensor, std, reduction: str,
-                    js_estimator: str, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
-    """D_f(N(mean, std^2 I) || N(reference_mean, std^2 I)), one value per sample.
-
-    The sampled JS estimate draws each sample's noise from that sample's own generator (None: the
-    global one), so the draws depend on the sample alone: N ranks with batch b see what one process
-    with batch N*b sees, and a resumed run draws what the uninterrupted one drew.
-    """
-    if divergence == "js" and js_estimator == "sampled":
-        generators = generators or [None] * mean.shape[0]
-        return torch.cat([gaussian_divergence("js", m[None], r[None], std, reduction, "sampled", generator)
-                          for m, r, generator in zip(mean, reference_mean, generators)])
-    return gaussian_divergence(divergence, mean, reference_mean, std, reduction, js_estimator)
-
-
-def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f_ref(x_t): the frozen base, which is the same UNet with its LoRA adapters switched off.
-
-    The switch sits inside the function, so a gradient-checkpoint recomputation in the backward
-    pass recomputes the reference too, not the policy.
-    """
-    unet.disable_adapters()
-    try:
-        return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
-    finally:
-        unet.enable_adapters()
-
-
-def unet_call(fn, checkpoint: bool, *inputs) -> torch.Tensor:
-    """fn(*inputs), recomputed in the backward pass instead of storing its activations if checkpoint is set."""
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
-    return fn(*inputs)
-
-
-def sample_chain(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
-                 divergence: Optional[str] = None, reduction: str = "per_dim", js_estimator: str = "quadrature",
-                 generators: Optional[list[torch.Generator]] = None, reference_grad: bool = True,
-                 checkpoint: bool = False):
-    """Run the K-step chain with gradients; return (final latent x_0, per-sample sum of step divergences,
-    per-sample sum of step KLs).
-
-    Given a divergence (even "none", whose value is 0: its runs log the KL too), the reference's mean
-    at every stochastic step comes from the frozen base at the same x_k; that one pass gives both the
-    chosen divergence (with gradient) and the joint KL (without, for logging). x_k depends on theta
-    through the earlier steps, and so does f_ref(x_k): reference_grad keeps that path, which makes
-    the divergence's gradient the exact gradient of the objective; without it the reference is a
-    constant at each x_k (no_grad, about a quarter cheaper per step), a biased surrogate whose error
-    is zero at the base and grows with the policy's distance from it. divergence=None (plain
-    sampling) skips the reference and returns zeros. The last step adds no noise, so it is no
-    policy step and contributes no divergence.
-    """
-    x = latents
-    total_divergence = torch.zeros(latents.shape[0], device=latents.device)
-    total_kl = torch.zeros(latents.shape[0], device=latents.device)
-    for k, step in enumerate(schedule):
-        denoised = unet_call(consistency_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
-        if step.alpha_next is None:
-            return denoised, total_divergence, total_kl
-        mean = step.alpha_next * denoised
-        if divergence is not None:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and reference_grad and divergence != "none"):
-                reference = unet_call(reference_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
-            mean_p, mean_q = mean.float(), (step.alpha_next * reference).float()
-            if divergence != "none":
-                value = step_divergence(divergence, mean_p, mean_q, step.sigma_next, reduction, js_estimator,
-                                        generators)
-                total_divergence = total_divergence + value
-            if divergence == "kl":  # per_dim kl is the joint kl, bit for bit
-                kl = value.detach()
-            else:
-                with torch.no_grad():
-                    kl = gaussian_divergence("kl", mean_p, mean_q, step.sigma_next)
-            total_kl = total_kl + kl
-        x = mean + step.sigma_next * noises[k]
-    raise AssertionError("the schedule has no final step")
-
-
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-def rocm_loss(rewards: torch.Tensor, divergence: torch.Tensor, beta: float) -> torch.Tensor:
-    """Negative regularized reward, averaged over the batch.
-
-    At beta 0 the divergence is only measured: leaving it out keeps an infinite one (chi2 far from
-    the base) from turning the loss into 0 * inf = nan.
-    """
-    return (-rewards).mean() if beta == 0 else (-rewards + beta * divergence).mean()
-
-
-class RocmObjective(torch.nn.Module):
-    """The loss of one micro-batch as a single forward: chain with gradients, decode, reward.
-
-    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one
-    forward per backward it expects, although the chain calls the UNet K times, plus reference
-    passes and checkpoint recomputations, before the single backward.
-    """
-
-    def __init__(self, args: Args, tokenizer, text_encoder, vae, unet, reward_fn, schedule: list[ChainStep]):
-        super().__init__()
-        self.args, self.tokenizer, self.schedule = args, tokenizer, schedule
-        self.text_encoder, self.vae, self.unet, self.reward_fn = text_encoder, vae, unet, reward_fn
-
-    def forward(self, prompts: list[str], latents, noises, w_embedding, generators=None):
-        """Returns (loss, per-sample rewards, per-sample divergence, per-sample KL or None)."""
-        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
-        final, divergence, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding,
-                                             self.args.divergence, self.args.reduction, self.args.js_estimator,
-                                             generators, reference_grad=self.args.reference_grad and self.args.beta > 0,
-                                             checkpoint=self.args.gradient_checkpointing)
-
-        def score(z):
-            return self.reward_fn(decode(self.vae, z), prompts)
-
-        rewards = torch.utils.checkpoint.checkpoint(score, final, use_reentrant=False) if self.args.checkpoint_decode \
-            else score(final)
-        rewards = rewards.float()
-        return rocm_loss(rewards, divergence, self.args.beta), rewards, divergence, kl
-
 
 # --------------------------------------------------------------------------------------------
-# Batches, ranks and checkpoints
+# Seeds, ranks and checkpoints
 # --------------------------------------------------------------------------------------------
-
-JS_STREAM = 1  # the last key of the seeds of the sampled JS estimate's noise
-
 
 def derived_seed(*keys: int) -> int:
     """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
-
-def micro_batch(args: Args, prompts: list[str], step: int, micro: int, rank: int, world_size: int,
-                latent_shape: tuple, num_steps: int, device):
-    """This rank's slice of the global micro-batch: its prompts, initial latents, chain noise and, for the
-    sampled JS estimate, one generator per sample (else None).
-
-    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
-    samples one process with batch N*b sees.
-    """
-    chosen = random.Random(derived_seed(args.seed, step, micro)).choices(prompts, k=args.batch_size * world_size)
-    mine = range(rank * args.batch_size, (rank + 1) * args.batch_size)
-    draws = [draw_chain_noise((1, *latent_shape), num_steps,
-                              torch.Generator(device=device).manual_seed(derived_seed(args.seed, step, micro, i)), device)
-             for i in mine]
-    latents = torch.cat([latent for latent, _ in draws])
-    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
-    generators = None
-    if args.divergence == "js" and args.js_estimator == "sampled":  # a stream apart from the chain noise's
-        generators = [torch.Generator(device=device).manual_seed(derived_seed(args.seed, step, micro, i, JS_STREAM))
-                      for i in mine]
-    return [chosen[i] for i in mine], latents, noises, generators
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -958,206 +1179,6 @@ def validate(args: Args) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
-
-
-def main(args: Args) -> None:
-    started = time.time()
-    validate(args)
-    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
-    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
-    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
-    rank, world_size, device = setup_distributed(args.device)
-    is_main = rank == 0
-    run = run_record(args, world_size)
-    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
-    torch.manual_seed(args.seed)
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
-
-    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
-    quiet_loaders()
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
-    if is_main:
-        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
-    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
-    if args.num_inference_steps > scheduler.config.original_inference_steps:
-        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
-                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
-    try:
-        reward_fn = load_reward_spec(args.reward, device, weight_dtype)
-    except (FileNotFoundError, ImportError) as error:
-        raise SystemExit(f"error: {error}")
-    if not reward_fn.differentiable:
-        raise SystemExit(f"error: reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
-                         "(pickscore, hpsv2, clipscore, aesthetic) or use rlcm_ppo.py")
-    eval_rewards = {}
-    for spec in args.eval_rewards if is_main else ():
-        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
-            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
-        except (FileNotFoundError, ImportError) as error:
-            print(f"warning: skipping evaluation reward: {error}")
-    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
-    speed_up(unet, vae, args.channels_last, args.compile)
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
-    models = (tokenizer, text_encoder, vae, unet)
-    objective = RocmObjective(args, tokenizer, text_encoder, vae, unet, reward_fn, schedule)
-    latent_shape = (unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
-    w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
-
-    start_step = 0
-    if resumed:
-        start_step = load_checkpoint(resumed, unet, optimizer, grad_scaler, args)
-        run_dir = resumed["path"].parent.parent
-    else:
-        run_dir = new_run_dir(args, is_main, world_size)
-        lock = lock_run_dir(run_dir) if is_main else None
-    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if is_main:
-        record_args(run_dir, args, resumed)
-        print(f"run directory: {run_dir}" + (f" (resumed at step {start_step})" if args.resume else ""))
-        print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
-              f"{args.batch_size * args.grad_accum * world_size} images per optimizer step")
-        if args.track:
-            wandb = start_wandb(args, run_dir)
-
-    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
-        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if args.track:
-            wandb.log({**metrics, **(media or {})}, step=step)
-
-    final_scores, scored_step = {}, None
-
-    def run_evaluation(step: int) -> None:
-        nonlocal final_scores, scored_step
-        if is_main:
-            unet.eval()
-            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
-            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
-            for reward in eval_rewards.values():
-                reward.to("cpu")
-            grid = run_dir / "samples" / f"step_{step:06d}.png"
-            save_image_grid(images, grid)
-            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
-            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            final_scores, scored_step = metrics, step
-            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
-            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
-                eval_prompts))} if args.track else None)
-        if world_size > 1:
-            dist.barrier()
-
-    if start_step == 0:
-        run_evaluation(0)
-    elapsed_offset = elapsed_before(run_dir, start_step) if is_main else 0.0
-    loop_started = time.perf_counter()
-    nonfinite_in_a_row = skipped_steps = 0
-    good = None  # the newest training state whose weights gave a finite loss
-    for step in range(start_step + 1, args.train_steps + 1):
-        unet.train()
-        start = time.perf_counter()
-        losses, rewards, divergences, kls, nonfinite = [], [], [], [], False
-        try:
-            for micro in range(args.grad_accum):
-                prompts, latents, noises, generators = micro_batch(args, train_prompts, step, micro, rank, world_size,
-                                                                   latent_shape, len(schedule), device)
-                # ranks all-reduce gradients only in the last micro-batch's backward
-                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 or world_size == 1 \
-                    else objective.no_sync()
-                with sync:
-                    with autocast:
-                        loss, reward, divergence, kl = objective(prompts, latents, noises, w_embedding, generators)
-                    # a non-finite loss still runs backward, so every rank joins the same all-reduce;
-                    # its non-finite gradient then makes all ranks skip the update together
-                    nonfinite |= not torch.isfinite(loss).item()
-                    grad_scaler.scale(loss / args.grad_accum).backward()
-                losses.append(loss.detach().reshape(1))
-                rewards.append(reward.detach())
-                divergences.append(divergence.detach())
-                kls.append(kl)
-        except torch.OutOfMemoryError:
-            raise SystemExit(f"error: out of memory at step {step}; lower --batch-size (raise --grad-accum to keep "
-                             "the effective batch), keep --gradient-checkpointing, add --checkpoint-decode, "
-                             "or lower --resolution")
-        grad_scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-        nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
-        if nonfinite:
-            nonfinite_in_a_row += 1
-            skipped_steps += 1
-            grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
-            if is_main:
-                print(f"warning: step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-                log({"train/skipped_steps": skipped_steps}, step)
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                fix = "lower --lr or use --mixed-precision bf16/no"
-                if args.divergence == "chi2":  # exp(d2) - 1 overflows float32 once d2 passes 88
-                    fix += ", or a bounded --divergence (chi2 overflows far from the base)"
-                stop_non_finite(run_dir, unet, good, is_main,
-                                f"{nonfinite_in_a_row} non-finite steps in a row at step {step}", fix)
-        else:
-            # the update that makes the weights non-finite shows only in the next loss: keep the state before it
-            good = training_state(step - 1, unet, optimizer, grad_scaler, run)
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-            nonfinite_in_a_row = 0
-        optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - start
-
-        if not nonfinite and step % args.log_every == 0:
-            metrics = {"train/reward": global_mean(torch.cat(rewards), world_size),
-                       "train/divergence": global_mean(torch.cat(divergences), world_size),
-                       "train/kl": global_mean(torch.cat(kls), world_size)}
-            samples_per_s = args.batch_size * args.grad_accum * world_size / step_time
-            metrics.update({"train/loss": global_mean(torch.cat(losses), world_size), "train/grad_norm": grad_norm.item(),
-                            "perf/step_time_s": step_time, "perf/samples_per_s": samples_per_s})
-            if is_main:
-                elapsed_s = elapsed_offset + time.time() - started
-                images_per_step = args.batch_size * args.grad_accum * world_size  # one reward query each
-                metrics.update(cost_metrics(step, images_per_step, images_per_step, elapsed_s, device))
-                timing = progress_text(elapsed_s, loop_started, step - start_step, args.train_steps - step)
-                print(f"step {step}/{args.train_steps} reward {metrics['train/reward']:.4f} "
-                      f"{args.divergence}/{args.reduction} {metrics['train/divergence']:.4g} "
-                      f"kl {metrics['train/kl']:.4g} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} samples/s "
-                      f"| {timing}")
-                log(metrics, step)
-        # not after a non-finite loss: it came from these weights
-        if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
-            if is_main:
-                save_checkpoint(run_dir, unet, training_state(step, unet, optimizer, grad_scaler, run),
-                                args.checkpoint_limit)
-            if world_size > 1:
-                dist.barrier()
-        if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
-            run_evaluation(step)
-
-    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
-        set_lora(unet, good["lora"])
-        if is_main:
-            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
-                  f"weights of step {good['step']}, the last with a finite loss")
-    if world_size > 1:
-        check_ranks_in_sync(lora_params)
-        if is_main:
-            print(f"LoRA weights identical on all {world_size} ranks")
-    if args.train_steps > start_step:
-        run_evaluation(args.train_steps)
-    if is_main:
-        final_dir = save_final(unet, run_dir)
-        write_model_card(final_dir, args, final_scores, scored_step)
-        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
-        if args.track:
-            wandb.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

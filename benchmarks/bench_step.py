@@ -158,16 +158,28 @@ class RocmBench(Bench):
     def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int, divergence: str = ""):
         super().__init__(script, args, models, batch_size, **({"divergence": divergence} if divergence else {}))
         m, a = self.module, self.run_args
-        self.objective = m.RocmObjective(a, self.tokenizer, self.text_encoder, self.vae, self.unet, self.reward_fn,
-                                         self.schedule)
+        models = (self.tokenizer, self.text_encoder, self.vae, self.unet, self.reward_fn, self.schedule)
+        if script == "rocm_fdiv":  # plain arguments, as its main() passes them
+            self.objective = m.RocmObjective(*models, divergence=a.divergence, beta=a.beta, reduction=a.reduction,
+                                             js_estimator=a.js_estimator, reference_grad=a.reference_grad,
+                                             checkpoint=a.gradient_checkpointing,
+                                             checkpoint_decode=a.checkpoint_decode)
+        else:
+            self.objective = m.RocmObjective(a, *models)
         self.w_embedding = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, batch_size,
                                                 self.device)
         self.unet.train()
 
     def loss_and_grads(self, index: int) -> torch.Tensor:
+        a = self.run_args
         # rocm_fdiv's micro_batch adds the sampled-JS generators, which its objective takes last
-        prompts, latents, noises, *generators = self.module.micro_batch(
-            self.run_args, PROMPTS, index, 0, 0, 1, self.latent_shape, len(self.schedule), self.device)
+        if self.module.__name__ == "rocm_fdiv":
+            prompts, latents, noises, *generators = self.module.micro_batch(
+                a.seed, PROMPTS, index, 0, a.batch_size, 0, 1, self.latent_shape, len(self.schedule), self.device,
+                a.divergence == "js" and a.js_estimator == "sampled")
+        else:
+            prompts, latents, noises, *generators = self.module.micro_batch(
+                a, PROMPTS, index, 0, 0, 1, self.latent_shape, len(self.schedule), self.device)
         with self.autocast:
             loss = self.objective(prompts, latents, noises, self.w_embedding, *generators)[0]
         loss.backward()

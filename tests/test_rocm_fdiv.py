@@ -175,8 +175,8 @@ def train_in_process(tiny, lcm):
     @functools.cache
     def train(divergence, estimator, beta):
         restore()
-        args = rocm_fdiv.Args(divergence=divergence, js_estimator=estimator, beta=beta, gradient_checkpointing=False)
-        objective = rocm_fdiv.RocmObjective(args, tokenizer, text_encoder, vae, unet, reward_fn, schedule)
+        objective = rocm_fdiv.RocmObjective(tokenizer, text_encoder, vae, unet, reward_fn, schedule,
+                                            divergence=divergence, js_estimator=estimator, beta=beta, checkpoint=False)
         optimizer = torch.optim.AdamW(lora, lr=1e-2)
         for step in range(10):
             latents, noises = rocm_fdiv.draw_chain_noise((2, 4, 16, 16), 4, torch.Generator().manual_seed(step), "cpu")
@@ -208,17 +208,15 @@ def test_huge_beta_keeps_the_lora_near_the_base(train_in_process, divergence, es
 
 def test_sampled_js_noise_depends_on_the_sample_alone():
     """Stateless per-sample generators: a resumed run and 2 ranks x batch 1 draw what one process drew."""
-    one = rocm_fdiv.Args(divergence="js", js_estimator="sampled", batch_size=2)
-    two = rocm_fdiv.Args(divergence="js", js_estimator="sampled", batch_size=1)
-
-    def js_draws(args, rank, world_size):
-        generators = rocm_fdiv.micro_batch(args, PROMPTS, 5, 1, rank, world_size, (4, 2, 2), 4, "cpu")[3]
+    def js_draws(batch_size, rank, world_size):
+        generators = rocm_fdiv.micro_batch(0, PROMPTS, 5, 1, batch_size, rank, world_size, (4, 2, 2), 4, "cpu",
+                                           sampled_js=True)[3]
         return [torch.randn(3, generator=g) for g in generators]
 
-    together = js_draws(one, 0, 1)
-    assert torch.equal(js_draws(two, 0, 2)[0], together[0]) and torch.equal(js_draws(two, 1, 2)[0], together[1])
+    together = js_draws(2, 0, 1)
+    assert torch.equal(js_draws(1, 0, 2)[0], together[0]) and torch.equal(js_draws(1, 1, 2)[0], together[1])
     assert not torch.equal(together[0], together[1])
-    assert rocm_fdiv.micro_batch(rocm_fdiv.Args(batch_size=2), PROMPTS, 5, 1, 0, 1, (4, 2, 2), 4, "cpu")[3] is None
+    assert rocm_fdiv.micro_batch(0, PROMPTS, 5, 1, 2, 0, 1, (4, 2, 2), 4, "cpu")[3] is None
 
 
 def test_kl_is_one_value_under_both_reductions(lcm):
