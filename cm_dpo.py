@@ -442,7 +442,7 @@ class CmDpoObjective(torch.nn.Module):
 
 @torch.no_grad()
 def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding) -> list[torch.Tensor]:
-    """Run the K-step chain; return its states [x_K, ..., x_1, x_0]: schedule[i] maps states[i] to states[i + 1]."""
+    """The K-step chain as LatentConsistencyModelPipeline runs it; states [x_K, ..., x_0], schedule[i]: i -> i + 1."""
     states = [latents]
     for k, step in enumerate(schedule):
         denoised = consistency_fn(unet, states[-1], step, prompt_embeds, w_embedding)
