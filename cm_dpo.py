@@ -1,59 +1,24 @@
 """CM-DPO: direct preference optimization of a latent consistency model on its sampling chains.
 
-Seed: "Aligning Consistency Models by Preference Optimization" (no public code or results; this is
-the first implementation). A latent consistency model samples in K steps; every step but the last
-is a Gaussian policy p_k(x_{k-1} | x_k, c) = N(a_k f_theta(x_k), s_k^2 I), with a_k, s_k the
-alpha, sigma of the next timestep t'. A trajectory's log-likelihood ratio against the reference
-(the same UNet with its LoRA adapters disabled) is a sum of per-step terms
+Seed: "Aligning Consistency Models by Preference Optimization" (no public code; this is the first implementation).
+Every LCM step but the last is a Gaussian policy N(a_k f(x_k), s_k^2 I); f_ref is the UNet with its LoRA off.
+On a winner chain w and a loser chain l of one prompt (docs/cm_dpo.md has the derivation and the design):
 
-    log p_theta(x_{k-1} | x_k) - log p_ref(x_{k-1} | x_k)
-        = w_k / 2 * (||x_{k-1} - a_k f_ref(x_k)||^2 - ||x_{k-1} - a_k f_theta(x_k)||^2),
-    w_k = 1 / max(s_k^2, eps^2)   (the seed's weighting: the step's precision, floored).
+    L     = -log sigmoid(beta * sum_k [r_k(w) - r_k(l)]) + con_weight * L_con         dpo_loss, CmDpoObjective
+    r_k   = w_k / 2D * (||x_{k-1} - a_k f_ref(x_k)||^2 - ||x_{k-1} - a_k f(x_k)||^2)   step_log_ratio
+    w_k   = 1 / max(s_k^2, eps^2), the seed's weighting: the step's precision, floored  step_weight
+    L_con = d(f(x_{t_{n+1}}), stopgrad f_target(x_{t_n})) on adjacent grid timesteps    consistency_loss
 
-CM-DPO divides each step's term by the number of latent dimensions D (a mean over dimensions of the
-per-dimension terms, as RLCM's log-probability and Diffusion-DPO's per-pixel error are), so beta
-means the same at every resolution (D = 16,384 at 512 px, 256 in the digits world): beta / D is
-DPO's beta on the exact log-ratio, the weight of an implicit trajectory-KL penalty. DPO on a winner
-chain w and a loser chain l of the same prompt minimizes
-
-    L_DPO = -log sigmoid(beta / D * sum_k [logratio_k(w) - logratio_k(l)])
-    L     = L_DPO + con_weight * L_con (+ multiplier * ||f_theta - f_ref||^2 on the last step, --last-step constrain)
-
-The logged train/kl is the exact KL of the stochastic steps (summed over dimensions, not divided by D).
-
-The sign problem: the seed writes each log-ratio as its expectation, the divergence
-w_k / 2 * ||a_k (f_theta - f_ref)||^2 >= 0 (also divided by D here), which makes L_DPO push the WINNER
-away from the reference (and has exactly zero gradient at the start, where f_theta = f_ref). That
-literal form is kept as --dpo-form seed for comparison; the default --dpo-form logratio is the
-consistent one.
-
-The last step returns f(x_1) without noise, so its log-ratio is undefined: --last-step drop leaves it
-out, smooth (default) gives it the floor variance eps^2, constrain leaves it out of L_DPO and adds
-multiplier * mean((f_theta(x_1) - f_ref(x_1))^2), the multiplier fixed or raised by dual ascent.
-
-Pairs:
-  online  (default) every prompt is sampled --samples-per-prompt times from the current policy; the
-          real chains are kept, the best and worst sample by --reward are winner and loser, pairs
-          with a reward gap below --reward-margin (or a tie) are left out of L_DPO.
-  offline a JSONL file of {"prompt", "winner", "loser"} image paths; images are VAE-encoded and the
-          unknown chain approximated (--offline-chain): forward (x_k = alpha x_0 + sigma z_k, what an
-          ideal consistency model predicting the final image at every step would sample) or
-          renoise (x_K forward-noised, then x_{k-1} = a_k f_ref(x_k) + s_k z_k, the reference's own
-          moves; they carry the preference only through x_K and the last step).
-L_con, the consistency-training loss: d(f_theta(x_{t_{n+1}}), stopgrad f_target(x_{t_n})) on pairs of
-adjacent timesteps of the LCM's 50-step training grid, forward-noised from the batch's final
-latents with shared noise; target the reference or an EMA of the LoRA; d squared error or pseudo-Huber.
-
-This file holds the whole algorithm: loading, LoRA, the K-step chain (bit-exact with diffusers'
-LatentConsistencyModelPipeline), pair construction, losses, training, evaluation, logging, saving.
+r_k is a mean over the D latent dimensions, so beta means the same at every resolution. The seed's literal term
+(--dpo-form seed, step_divergence) is r_k's expectation, which pushes the WINNER away from the reference.
+Pairs: online_pairs (best and worst policy sample by --reward) or OfflinePairs (--pairs-file images).
 
 Run (GPU, real model):
     python cm_dpo.py --reward pickscore --train-steps 2000 --track
     python cm_dpo.py --pairs offline --pairs-file pairs.jsonl --train-steps 2000 --track
-Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
-    python cm_dpo.py --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
-        --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --num-inference-steps 4 --batch-size 2 \
-        --device cpu --mixed-precision no
+Run (CPU, the tiny world built by `python -m tests.tiny_world /tmp/tiny`):
+    python cm_dpo.py --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic --resolution 32 --batch-size 2 \
+        --eval-rewards clipscore=/tmp/tiny/clip --num-inference-steps 4 --device cpu --mixed-precision no
 """
 
 from __future__ import annotations
@@ -82,84 +47,27 @@ import tyro
 from common import REWARDS, load_reward, missing_local_directory
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-# iCT's pseudo-Huber constant c = 0.00054 * sqrt(dims), here applied to the root-mean-square error
-HUBER_C = 0.00054
-# offline pair images farther than this from a square of the training resolution are refused
-MAX_ASPECT = 4
-MIN_SIDE_DIVISOR = 8
 
 
 @dataclass
 class Args:
-    # general
-    exp_name: str = Path(__file__).stem
-    """name of this experiment (run directory and wandb run name)"""
-    seed: int = 0
-    """seed of the LoRA initialisation, the prompt draws and the sampling noise (all derived from seed and step)"""
-    device: str = "cuda"
-    """torch device to train on"""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """autocast dtype; frozen weights are stored in it, LoRA weights stay fp32"""
-    track: bool = False
-    """log to Weights & Biases"""
-    wandb_project: str = "cm-alignment"
-    """wandb project name"""
-    wandb_entity: Optional[str] = None
-    """wandb entity (team)"""
-    output_dir: str = "runs"
-    """where run directories (LoRA weights, sample grids, metrics) are written"""
-    log_every: int = 1
-    """print and log training metrics every this many optimizer steps"""
-    eval_every: int = 100
-    """evaluate on held-out prompts every this many optimizer steps (0: only at the start and end)"""
-    save_every: int = 0
-    """save a resumable checkpoint (LoRA + optimizer state) every this many optimizer steps (0: never)"""
-    checkpoint_limit: int = 3
-    """keep at most this many checkpoints (the oldest are deleted)"""
-    resume: Optional[str] = None
-    """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
-
-    # model
-    model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub id or local directory of a LatentConsistencyModelPipeline"""
-    resolution: int = 512
-    """image side in pixels (the paper trains at 512)"""
-    num_inference_steps: int = 8
-    """K, the number of LCM sampling steps"""
-    guidance_scale: float = 8.5
-    """LCM guidance scale; the UNet is conditioned on w = guidance_scale - 1 (omega 7.5 in the paper)"""
-    lora_rank: int = 16
-    """LoRA rank on the UNet attention projections"""
-    lora_alpha: int = 32
-    """LoRA alpha (scale alpha / rank)"""
-    gradient_checkpointing: bool = True
-    """recompute each UNet call in the backward pass instead of storing its activations"""
-    channels_last: bool = False
-    """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs; same results up to float rounding)"""
-    compile: bool = False
-    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; regional: short compile, same LoRA names)"""
-
     # algorithm
     pairs: Literal["online", "offline"] = "online"
     """where preference pairs come from: sampled from the current policy and ranked by --reward, or --pairs-file"""
     pairs_file: Optional[str] = None
-    """offline pairs: JSONL, one {"prompt": ..., "winner": IMAGE, "loser": IMAGE} per line (paths relative to the file)"""
+    """offline pairs: JSONL, one {"prompt": ..., "winner": IMAGE, "loser": IMAGE} per line (paths relative to it)"""
     offline_chain: Literal["forward", "renoise"] = "forward"
     """offline pairs: chain through the images' latents by forward noising, or by re-noising the reference's steps"""
     reward: str = "pickscore"
     """online pairs: reward that ranks the samples, NAME or NAME=PATH; any reward of common.py (no gradient is taken)"""
+    prompts_file: Optional[str] = None
+    """online pairs: training prompts, one per line (unset: the repo's prompts/train.txt)"""
     samples_per_prompt: int = 2
     """online pairs: samples per prompt; the best and the worst form the pair"""
     reward_margin: float = 0.0
     """online pairs: leave pairs whose reward gap is below this out of L_DPO (ties always are)"""
-    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
-    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
-    prompts_file: Optional[str] = None
-    """online pairs: training prompts, one per line (unset: the repo's prompts/train.txt)"""
-    eval_prompts_file: Optional[str] = None
-    """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
     beta: Optional[float] = None
-    """DPO temperature on the trajectory log-ratio per latent dimension, so it means the same at every resolution (unset: 0.3 for offline pairs, 3 for online pairs, whose margins are about 100x smaller)"""
+    """DPO temperature on the log-ratio per latent dimension (unset: 0.3 offline, 3 online: ~100x smaller margins)"""
     dpo_form: Literal["logratio", "seed"] = "logratio"
     """per-step term: the exact log-ratio, or the seed's literal divergence from the reference (pushes winners away)"""
     eps: float = 0.1
@@ -192,8 +100,60 @@ class Args:
     """AdamW weight decay on the LoRA weights"""
     max_grad_norm: float = 1.0
     """gradient clipping threshold (global L2 norm)"""
+
+    # model
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the paper trains at 512)"""
+    num_inference_steps: int = 8
+    """K, the number of LCM sampling steps"""
+    guidance_scale: float = 8.5
+    """LCM guidance scale; the UNet is conditioned on w = guidance_scale - 1 (omega 7.5 in the paper)"""
+    lora_rank: int = 16
+    """LoRA rank on the UNet attention projections"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale alpha / rank)"""
+    gradient_checkpointing: bool = True
+    """recompute each UNet call in the backward pass instead of storing its activations"""
+    channels_last: bool = False
+    """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs)"""
+    compile: bool = False
+    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; same LoRA names)"""
+
+    # general
+    exp_name: str = Path(__file__).stem
+    """name of this experiment (run directory and wandb run name)"""
+    seed: int = 0
+    """seed of the LoRA initialisation, the prompt draws and the sampling noise (all derived from seed and step)"""
+    device: str = "cuda"
+    """torch device to train on"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """autocast dtype; frozen weights are stored in it, LoRA weights stay fp32"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project: str = "cm-alignment"
+    """wandb project name"""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team)"""
+    output_dir: str = "runs"
+    """where run directories (LoRA weights, sample grids, metrics) are written"""
+    log_every: int = 1
+    """print and log training metrics every this many optimizer steps"""
+    eval_every: int = 100
+    """evaluate on held-out prompts every this many optimizer steps (0: only at the start and end)"""
+    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
+    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
+    eval_prompts_file: Optional[str] = None
+    """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
     eval_batch_size: int = 8
     """images per batch during evaluation"""
+    save_every: int = 0
+    """save a resumable checkpoint (LoRA + optimizer state) every this many optimizer steps (0: never)"""
+    checkpoint_limit: int = 3
+    """keep at most this many checkpoints (the oldest are deleted)"""
+    resume: Optional[str] = None
+    """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
     max_nonfinite_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"""
 
@@ -208,6 +168,647 @@ RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_s
              "seed", "global_batch", "grad_accum", "pairs", "pairs_file", "offline_chain", "samples_per_prompt",
              "dpo_form", "last_step", "con_target")
 
+
+# --------------------------------------------------------------------------------------------
+# ALGORITHM: the LCM sampling chain (identical in all four scripts)
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
+    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
+    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w.float()[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(device)
+
+
+@dataclass
+class ChainStep:
+    """One LCM step from timestep t. The coefficients are scalars on the sampling chain and (B, 1, 1, 1), with t
+    of shape (B,), where every sample has its own step. *_next: the noise towards the next timestep t', which
+    makes the step the Gaussian policy N(alpha_next f(x_t), sigma_next^2 I); None on the last, deterministic step."""
+
+    t: torch.Tensor
+    alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
+    sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
+    c_skip: torch.Tensor  # the boundary-condition scalings of f = c_skip x + c_out x0_hat
+    c_out: torch.Tensor
+    alpha_next: Optional[torch.Tensor] = None
+    sigma_next: Optional[torch.Tensor] = None
+
+
+def chain_step(scheduler, t: torch.Tensor, t_next: Optional[torch.Tensor], device) -> ChainStep:
+    """The step from t towards t_next (None: the last step), its coefficients as LCMScheduler.step computes them."""
+    acp, scaled, sigma_data = scheduler.alphas_cumprod, t.cpu() * scheduler.config.timestep_scaling, 0.5
+    values = dict(alpha=acp[t.cpu()].sqrt(), sigma=(1 - acp[t.cpu()]).sqrt(),
+                  c_skip=sigma_data**2 / (scaled**2 + sigma_data**2), c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5)
+    if t_next is not None:
+        values.update(alpha_next=acp[t_next.cpu()].sqrt(), sigma_next=(1 - acp[t_next.cpu()]).sqrt())
+    shape = (-1, 1, 1, 1) if t.ndim else ()
+    return ChainStep(t=t.to(device), **{name: value.reshape(shape).to(device) for name, value in values.items()})
+
+
+def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
+    """The K steps of the sampling chain, at the timesteps LatentConsistencyModelPipeline uses."""
+    scheduler.set_timesteps(num_steps, device="cpu")
+    timesteps = list(scheduler.timesteps)
+    return [chain_step(scheduler, t, t_next, device) for t, t_next in zip(timesteps, timesteps[1:] + [None])]
+
+
+def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
+    x0_hat = (x - step.sigma * eps) / step.alpha
+    return step.c_out * x0_hat + step.c_skip * x
+
+
+def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f_ref(x_t): the frozen base, which is the same UNet with its LoRA adapters switched off (never a copy).
+
+    The switch sits inside the function, so a gradient-checkpoint recomputation in the backward
+    pass recomputes the reference too, not the policy.
+    """
+    unet.disable_adapters()
+    try:
+        return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
+    finally:
+        unet.enable_adapters()
+
+
+def unet_call(fn, checkpoint: bool, *inputs) -> torch.Tensor:
+    """fn(*inputs), recomputed in the backward pass instead of storing its activations if checkpoint is set."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
+
+
+def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
+    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
+    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
+    return latents, noises
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# ALGORITHM: CM-DPO, the per-step log-ratio, L_DPO and L_con
+# --------------------------------------------------------------------------------------------
+
+def transition(step: ChainStep) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(a, s^2): mean scale and variance of p(x_{k-1} | x_k) = N(a f(x_k), s^2 I); the last step is (1, 0)."""
+    if step.alpha_next is None:
+        return 1.0, 0.0
+    return step.alpha_next, step.sigma_next**2
+
+
+def step_weight(variance, eps: float) -> torch.Tensor:
+    """The seed's w_k = 1 / max(s_k^2, eps^2): the step's precision, floored so the deterministic last step is usable."""
+    return 1.0 / torch.clamp(torch.as_tensor(variance, dtype=torch.float32), min=eps**2)
+
+
+def step_log_ratio(target: torch.Tensor, mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
+    """log N(target; mean_policy, 1/weight) - log N(target; mean_ref, 1/weight), summed over each sample's dimensions.
+
+    Written as <mean_policy - mean_ref, 2 target - mean_policy - mean_ref> * weight / 2, the difference of
+    the two squared distances without their cancellation: exactly zero while the policy is the reference.
+    """
+    mean_policy, mean_ref = mean_policy.float(), mean_ref.float()
+    product = (mean_policy - mean_ref) * (2 * target.float() - mean_policy - mean_ref)
+    return weight * product.flatten(1).sum(1) / 2
+
+
+def step_divergence(mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
+    """weight / 2 * ||mean_policy - mean_ref||^2: the KL of the step's Gaussians, the seed's per-step term."""
+    return weight * (mean_policy.float() - mean_ref.float()).square().flatten(1).sum(1) / 2
+
+
+def dpo_loss(winner: torch.Tensor, loser: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: (-log sigmoid(margin), margin) with margin = beta * (winner - loser), the implicit reward margin."""
+    margin = beta * (winner - loser)
+    return F.softplus(-margin), margin
+
+
+# iCT's pseudo-Huber constant c = 0.00054 * sqrt(dims), here applied to the root-mean-square error
+HUBER_C = 0.00054
+
+
+def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per sample: mean squared error, or pseudo-Huber sqrt(mse + c^2) - c (iCT's, scaled to the RMS error)."""
+    mse = (prediction.float() - target.float()).square().flatten(1).mean(1)
+    return mse if kind == "l2" else (mse + HUBER_C**2).sqrt() - HUBER_C
+
+
+def consistency_grid(scheduler) -> torch.Tensor:
+    """The timesteps the LCM was distilled on: [k-1, 2k-1, ..., T-1], k = T / original_inference_steps (19 ... 999)."""
+    skip = scheduler.config.num_train_timesteps // scheduler.config.original_inference_steps
+    return torch.arange(1, scheduler.config.original_inference_steps + 1) * skip - 1
+
+
+@contextlib.contextmanager
+def weights_replaced(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
+    """Temporarily load other values (the EMA) into the LoRA weights."""
+    with torch.no_grad():
+        backup = [p.detach().clone() for p in params]
+        for param, value in zip(params, values):
+            param.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in zip(params, backup):
+                param.copy_(value)
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of preference pairs: b prompts; each state holds the b winners, then the b losers."""
+
+    prompts: list[str]
+    embeds: torch.Tensor  # (2b, tokens, dim), winners then losers
+    states: list[torch.Tensor]  # K + 1 tensors (2b, C, H, W): x_K, ..., x_1, x_0
+    keep: torch.Tensor  # (b,) float: 1 for pairs that enter L_DPO
+    con_t: torch.Tensor  # (2b,) index n into the consistency grid: L_con compares t_{n+1} with t_n
+    con_noise: torch.Tensor  # (2b, C, H, W) noise shared by both timesteps
+    rewards: Optional[torch.Tensor] = None  # online: (b * samples_per_prompt,) every sample's reward
+    gaps: Optional[torch.Tensor] = None  # online: (b,) winner minus loser reward
+
+
+class CmDpoObjective(torch.nn.Module):
+    """The loss of one micro-batch of pairs as a single forward: K policy and reference passes, L_con.
+
+    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward
+    per backward it expects, although it calls the UNet several times before the single backward.
+    """
+
+    def __init__(self, unet, scheduler, schedule: list[ChainStep], lora_params, ema: Optional[list], *, beta: float,
+                 eps: float, dpo_form: str, last_step: str, con_weight: float, con_target: str, con_loss: str,
+                 checkpoint: bool):
+        super().__init__()
+        self.unet, self.scheduler, self.schedule = unet, scheduler, schedule
+        self.lora_params, self.ema = lora_params, ema
+        self.beta, self.eps, self.dpo_form, self.last_step = beta, eps, dpo_form, last_step
+        self.con_weight, self.con_target, self.con_loss, self.checkpoint = con_weight, con_target, con_loss, checkpoint
+        self.grid = consistency_grid(scheduler)
+
+    def policy(self, x, step: ChainStep, embeds, w_embedding):
+        return unet_call(consistency_fn, self.checkpoint, self.unet, x, step, embeds, w_embedding)
+
+    def reference(self, x, step: ChainStep, embeds, w_embedding):
+        with torch.no_grad():  # a constant of the loss: no graph, nothing to checkpoint
+            return reference_fn(self.unet, x, step, embeds, w_embedding)
+
+    def trajectory_terms(self, batch: PairBatch, w_embedding) -> dict:
+        """Per chain (2b,): the per-step DPO terms (each a mean over latent dimensions) summed over steps, the
+        exact KL of the stochastic steps (summed over dimensions), the last-step gap."""
+        zeros = batch.states[0].new_zeros(batch.states[0].shape[0], dtype=torch.float32)
+        dims = batch.states[0][0].numel()
+        total, kl, last_gap = zeros, zeros, zeros
+        for i, step in enumerate(self.schedule):
+            last = step.alpha_next is None
+            if last and self.last_step == "drop":
+                break
+            f_policy = self.policy(batch.states[i], step, batch.embeds, w_embedding)
+            f_ref = self.reference(batch.states[i], step, batch.embeds, w_embedding)
+            if last and self.last_step == "constrain":
+                last_gap = (f_policy.float() - f_ref.float()).square().flatten(1).mean(1)
+                break
+            a, variance = transition(step)
+            weight = step_weight(variance, self.eps).to(zeros.device)
+            # divided by the latent's dimensions, so beta means the same at every resolution
+            if self.dpo_form == "logratio":
+                total = total + step_log_ratio(batch.states[i + 1], a * f_policy, a * f_ref, weight) / dims
+            else:
+                total = total + step_divergence(a * f_policy, a * f_ref, weight) / dims
+            if not last:
+                kl = kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
+        return {"total": total, "kl": kl, "last_gap": last_gap}
+
+    def consistency_term(self, batch: PairBatch, w_embedding) -> torch.Tensor:
+        """L_con per sample on the batch's final latents, noised to adjacent grid timesteps t_{n+1} > t_n, same z."""
+        clean, device = batch.states[-1], batch.states[-1].device
+        low = chain_step(self.scheduler, self.grid[batch.con_t], None, device)
+        high = chain_step(self.scheduler, self.grid[batch.con_t + 1], None, device)
+        return self.consistency_gap(high.alpha * clean + high.sigma * batch.con_noise, high,
+                                    low.alpha * clean + low.sigma * batch.con_noise, low, batch.embeds, w_embedding)
+
+    def consistency_gap(self, x_high, high: ChainStep, x_low, low: ChainStep, embeds, w_embedding) -> torch.Tensor:
+        """d(f_theta(x_high), stopgrad f_target(x_low)) per sample, the target being the reference or the EMA."""
+        if self.con_target == "reference":
+            target = self.reference(x_low, low, embeds, w_embedding)
+        else:
+            with torch.no_grad(), weights_replaced(self.lora_params, self.ema):
+                target = consistency_fn(self.unet, x_low, low, embeds, w_embedding)
+        return consistency_loss(self.policy(x_high, high, embeds, w_embedding), target, self.con_loss)
+
+    def forward(self, batch: PairBatch, w_embedding, multiplier: float):
+        """Returns (loss, per-pair / per-chain statistics, detached)."""
+        # the EMA target first: it swaps weights in place, which must happen before the graph saves them
+        con = self.consistency_term(batch, w_embedding) if self.con_weight > 0 else None
+        terms = self.trajectory_terms(batch, w_embedding)
+        winner, loser = terms["total"].chunk(2)
+        pair_loss, margin = dpo_loss(winner, loser, self.beta)
+        # skipped pairs weigh zero but still count in the mean: the step does not grow when few survive
+        loss = (pair_loss * batch.keep).mean()
+        if con is not None:
+            loss = loss + self.con_weight * con.mean()
+        constrain = self.last_step == "constrain"
+        if constrain:
+            loss = loss + multiplier * terms["last_gap"].mean()
+        kept = batch.keep.bool()
+        stats = {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept], "margin": margin.detach()[kept],
+                 "kl": terms["kl"].detach(), "loss_con": con.detach() if con is not None else None,
+                 "last_gap": terms["last_gap"].detach() if constrain else None}
+        return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# ALGORITHM: the preference pairs, sampled online or read from a file
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding) -> list[torch.Tensor]:
+    """The K-step chain as LatentConsistencyModelPipeline runs it; states [x_K, ..., x_0], schedule[i]: i -> i + 1."""
+    states = [latents]
+    for k, step in enumerate(schedule):
+        denoised = consistency_fn(unet, states[-1], step, prompt_embeds, w_embedding)
+        states.append(denoised if step.alpha_next is None else step.alpha_next * denoised + step.sigma_next * noises[k])
+    return states
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> latents; the posterior mean, so cached latents and resumed runs are deterministic."""
+    return vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+def micro_batch(seed: int, batch_size: int, num_items: int, step: int, micro: int, rank: int,
+                world_size: int) -> list[tuple]:
+    """This rank's slice of the global micro-batch: (global pair index, item index) for prompts or offline pairs.
+
+    Everything random about a pair is drawn from seeds of its global index, so N ranks with batch b
+    see exactly the pairs one process with batch N*b sees.
+    """
+    chosen = random.Random(derived_seed(seed, step, micro)).choices(range(num_items), k=batch_size * world_size)
+    return [(i, chosen[i]) for i in range(rank * batch_size, (rank + 1) * batch_size)]
+
+
+def pair_generator(seed: int, step: int, micro: int, index: int, use: int, device) -> torch.Generator:
+    """use 0: the pair's chain noise; use 1: its L_con timesteps and noise."""
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, index, use))
+
+
+def consistency_draws(seed: int, step: int, micro: int, indices: list[int], grid_size: int, latent_shape, device):
+    """Per pair, the winner's and the loser's L_con grid index and shared noise, arranged winners then losers."""
+    draws = []
+    for i in indices:
+        generator = pair_generator(seed, step, micro, i, 1, device)
+        t = torch.randint(0, grid_size - 1, (2,), generator=generator, device=generator.device).cpu()
+        noise = torch.randn((2, *latent_shape), generator=generator, device=generator.device).to(device)
+        draws.append((t, noise))
+    t = torch.cat([torch.stack([d[0][j] for d in draws]) for j in (0, 1)])
+    noise = torch.cat([torch.stack([d[1][j] for d in draws]) for j in (0, 1)])
+    return t, noise
+
+
+@torch.no_grad()
+def online_pairs(models, reward_fn, schedule, prompts: list[str], step: int, micro: int, rank: int, world_size: int,
+                 latent_shape, w_row, grid_size: int, device, autocast, *, seed: int, batch_size: int,
+                 samples_per_prompt: int, reward_margin: float) -> PairBatch:
+    """Sample every prompt samples_per_prompt times from the current policy; best and worst become a pair."""
+    tokenizer, text_encoder, vae, unet = models
+    items = micro_batch(seed, batch_size, len(prompts), step, micro, rank, world_size)
+    chosen = [prompts[j] for _, j in items]
+    n = samples_per_prompt
+    draws = [draw_chain_noise((n, *latent_shape), len(schedule), pair_generator(seed, step, micro, i, 0, device),
+                              device) for i, _ in items]
+    latents = torch.cat([latent for latent, _ in draws])  # pair-major: pair 0's n samples, pair 1's, ...
+    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+    sample_prompts = [prompt for prompt in chosen for _ in range(n)]
+    with autocast:
+        embeds = encode_prompts(tokenizer, text_encoder, chosen)
+        states = sample_trajectory(unet, latents, noises, schedule, embeds.repeat_interleave(n, 0),
+                                   w_row.expand(len(sample_prompts), -1))
+        rewards = reward_fn(decode(vae, states[-1]), sample_prompts).float()
+    grouped = rewards.view(len(chosen), n)
+    rows = torch.arange(len(chosen), device=rewards.device) * n
+    best, worst = rows + grouped.argmax(1), rows + grouped.argmin(1)
+    gaps = grouped.max(1).values - grouped.min(1).values
+    keep = ((gaps > 0) & (gaps >= reward_margin)).float().to(device)
+    order = torch.cat([best, worst]).to(device)
+    con_t, con_noise = consistency_draws(seed, step, micro, [i for i, _ in items], grid_size, latent_shape, device)
+    return PairBatch(prompts=chosen, embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep,
+                     con_t=con_t, con_noise=con_noise, rewards=rewards, gaps=gaps)
+
+
+class OfflinePairs:
+    """The --pairs-file pairs (read_pairs): each image is VAE-encoded once and its latent kept (on the CPU)."""
+
+    def __init__(self, records: list[dict], *, resolution: int, offline_chain: str, seed: int, batch_size: int):
+        self.records, self.latents = records, {}
+        self.resolution, self.offline_chain, self.seed, self.batch_size = resolution, offline_chain, seed, batch_size
+
+    def latent(self, vae, path: str, line: int) -> torch.Tensor:
+        if path not in self.latents:
+            image = load_image(path, self.resolution, line)[None]
+            self.latents[path] = encode_images(vae, image)[0].float().cpu()
+        return self.latents[path]
+
+    @torch.no_grad()
+    def batch(self, models, schedule, step: int, micro: int, rank: int, world_size: int, latent_shape, w_row,
+              grid_size: int, device, autocast) -> PairBatch:
+        """Encode this rank's pairs and build their approximate chains (--offline-chain), noise shared by each pair."""
+        tokenizer, text_encoder, vae, unet = models
+        items = micro_batch(self.seed, self.batch_size, len(self.records), step, micro, rank, world_size)
+        records = [self.records[j] for _, j in items]
+        clean = torch.stack([self.latent(vae, r[key], r["line"]) for key in ("winner", "loser") for r in records])
+        clean = clean.to(device)
+        noise = [torch.randn((len(schedule), *latent_shape), device=device,
+                             generator=pair_generator(self.seed, step, micro, i, 0, device)) for i, _ in items]
+        noise = torch.stack(noise + noise, dim=1)  # (K, 2b, ...): the winner and loser of a pair share it
+        prompts = [r["prompt"] for r in records]
+        with autocast:
+            embeds = encode_prompts(tokenizer, text_encoder, prompts)
+        embeds = torch.cat([embeds, embeds])
+        states = []
+        for i, current in enumerate(schedule):
+            if self.offline_chain == "forward" or i == 0:
+                states.append(current.alpha * clean + current.sigma * noise[i])
+            else:
+                previous = schedule[i - 1]
+                with autocast:
+                    reference = reference_fn(unet, states[-1], previous, embeds, w_row.expand(len(embeds), -1))
+                states.append(previous.alpha_next * reference.float() + previous.sigma_next * noise[i])
+        states.append(clean)
+        con_t, con_noise = consistency_draws(self.seed, step, micro, [i for i, _ in items], grid_size, latent_shape,
+                                             device)
+        return PairBatch(prompts=prompts, embeds=embeds, states=states, keep=torch.ones(len(records), device=device),
+                         con_t=con_t, con_noise=con_noise)
+
+
+def main(args: Args) -> None:
+    started = time.time()
+    validate(args)
+    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
+    online = args.pairs == "online"
+    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt") if online else None
+    offline = None if online else OfflinePairs(read_pairs(args.pairs_file, args.resolution), resolution=args.resolution,
+                                               offline_chain=args.offline_chain, seed=args.seed,
+                                               batch_size=args.batch_size)
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    run = run_record(args, world_size)
+    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
+    torch.manual_seed(args.seed)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
+
+    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
+    quiet_loaders()
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    if is_main:
+        training_prompts = train_prompts if online else [record["prompt"] for record in offline.records]
+        warn_truncated_prompts(tokenizer, training_prompts + eval_prompts)
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    if args.num_inference_steps > scheduler.config.original_inference_steps:
+        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
+                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
+    reward_fn = None
+    if online:
+        try:
+            reward_fn = load_reward_spec(args.reward, device, weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            raise SystemExit(f"error: {error}")
+    eval_rewards = {}
+    for spec in args.eval_rewards if is_main else ():
+        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
+            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            print(f"warning: skipping evaluation reward: {error}")
+    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    speed_up(unet, vae, args.channels_last, args.compile)
+    ema = [p.detach().clone() for p in lora_params] if args.con_target == "ema" and args.con_weight > 0 else None
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    models = (tokenizer, text_encoder, vae, unet)
+    objective = CmDpoObjective(unet, scheduler, schedule, lora_params, ema, beta=args.beta, eps=args.eps,
+                               dpo_form=args.dpo_form, last_step=args.last_step, con_weight=args.con_weight,
+                               con_target=args.con_target, con_loss=args.con_loss,
+                               checkpoint=args.gradient_checkpointing)
+    grid_size = len(objective.grid)
+    latent_shape = (unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
+    w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, device)
+    multiplier = args.last_step_multiplier
+
+    start_step = 0
+    if resumed:
+        start_step, multiplier = load_checkpoint(resumed, unet, optimizer, grad_scaler, args), resumed["multiplier"]
+        if ema is not None and resumed["ema"] is None:
+            raise SystemExit(f"error: '{resumed['path']}' was trained without --con-target ema; resume with the same "
+                             "flags")
+        for average, value in zip(ema or [], resumed["ema"] or []):
+            average.copy_(value)
+        run_dir = resumed["path"].parent.parent
+    else:
+        run_dir = new_run_dir(args, is_main, world_size)
+        lock = lock_run_dir(run_dir) if is_main else None
+    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if is_main:
+        record_args(run_dir, args, resumed)
+        print(f"run directory: {run_dir}" + (f" (resumed at step {start_step})" if args.resume else ""))
+        source = f"online, best and worst of {args.samples_per_prompt} samples per prompt" if online \
+            else f"offline, {len(offline.records)} pairs in {args.pairs_file}"
+        print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
+              f"{args.batch_size * args.grad_accum * world_size} pairs per optimizer step ({source})")
+        if args.track:
+            wandb = start_wandb(args, run_dir)
+
+    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
+        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            wandb.log({**metrics, **(media or {})}, step=step)
+
+    final_scores, scored_step = {}, None
+
+    def run_evaluation(step: int) -> None:
+        nonlocal final_scores, scored_step
+        if is_main:
+            unet.eval()
+            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
+            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
+            for reward in eval_rewards.values():
+                reward.to("cpu")
+            grid = run_dir / "samples" / f"step_{step:06d}.png"
+            save_image_grid(images, grid)
+            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            final_scores, scored_step = metrics, step
+            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
+            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
+                eval_prompts))} if args.track else None)
+        if world_size > 1:
+            dist.barrier()
+
+    def pair_batch(step: int, micro: int) -> PairBatch:
+        if online:
+            return online_pairs(models, reward_fn, schedule, train_prompts, step, micro, rank, world_size, latent_shape,
+                                w_row, grid_size, device, autocast, seed=args.seed, batch_size=args.batch_size,
+                                samples_per_prompt=args.samples_per_prompt, reward_margin=args.reward_margin)
+        return offline.batch(models, schedule, step, micro, rank, world_size, latent_shape, w_row, grid_size, device,
+                             autocast)
+
+    if start_step == 0:
+        run_evaluation(0)
+    elapsed_offset = elapsed_before(run_dir, start_step) if is_main else 0.0
+    loop_started = time.perf_counter()
+    nonfinite_in_a_row = skipped_steps = 0
+    good = None  # the newest training state whose weights gave a finite loss
+    for step in range(start_step + 1, args.train_steps + 1):
+        unet.train()
+        start = time.perf_counter()
+        stats, nonfinite = [], False
+        try:
+            for micro in range(args.grad_accum):
+                # ---- sample: this micro-batch's pairs (online: ranked samples of the current policy)
+                batch = pair_batch(step, micro)
+                # ranks all-reduce gradients only in the last micro-batch's backward
+                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 or world_size == 1 \
+                    else objective.no_sync()
+                with sync:
+                    # ---- loss: L_DPO + con_weight * L_con (+ the last-step penalty), one forward
+                    with autocast:
+                        loss, micro_stats = objective(batch, w_row.expand(len(batch.embeds), -1), multiplier)
+                    # a non-finite loss still runs backward, so every rank joins the same all-reduce;
+                    # its non-finite gradient then makes all ranks skip the update together
+                    nonfinite |= not torch.isfinite(loss).item()
+                    grad_scaler.scale(loss / args.grad_accum).backward()
+                micro_stats.update(rewards=batch.rewards, gaps=batch.gaps, keep=batch.keep)
+                stats.append(micro_stats)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: out of memory at step {step}; lower --batch-size (raise --grad-accum to keep "
+                             "the effective batch), lower --samples-per-prompt, keep --gradient-checkpointing, "
+                             "or lower --resolution")
+        # ---- update: clip, skip non-finite steps on every rank together, EMA and dual ascent
+        grad_scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+        nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
+
+        def gathered(name: str) -> float:
+            return global_mean(torch.cat([s[name] for s in stats]), world_size)
+
+        if nonfinite:
+            nonfinite_in_a_row += 1
+            skipped_steps += 1
+            grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
+            if is_main:
+                print(f"warning: step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+                log({"train/skipped_steps": skipped_steps}, step)
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                stop_non_finite(run_dir, unet, good, is_main,
+                                f"{nonfinite_in_a_row} non-finite steps in a row at step {step}")
+        else:
+            # the update that makes the weights non-finite shows only in the next loss: keep the state before it
+            good = training_state(step - 1, unet, optimizer, grad_scaler, run, multiplier=multiplier, ema=ema)
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+            nonfinite_in_a_row = 0
+            if ema is not None:
+                with torch.no_grad():
+                    for average, param in zip(ema, lora_params):
+                        average.lerp_(param, 1 - args.ema_decay)
+            if args.last_step == "constrain" and args.dual_lr > 0:
+                # every rank sees the same global gap, so the multiplier stays identical across ranks
+                multiplier = max(0.0, multiplier + args.dual_lr * (gathered("last_gap") - args.last_step_budget))
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - start
+
+        # ---- log
+        if not nonfinite and step % args.log_every == 0:
+            samples_per_s = args.batch_size * args.grad_accum * world_size / step_time
+            metrics = {"train/loss": gathered("loss"), "train/loss_dpo": gathered("loss_dpo"),
+                       "train/implicit_margin": gathered("margin"),
+                       "train/implicit_accuracy": global_mean(torch.cat([(s["margin"] > 0).float() for s in stats]),
+                                                              world_size),
+                       "train/kept_pairs": gathered("keep"), "train/kl": gathered("kl")}
+            metrics["train/divergence"] = metrics["train/kl"]
+            if args.con_weight > 0:
+                metrics["train/loss_con"] = gathered("loss_con")
+            if online:
+                metrics.update({"train/reward": gathered("rewards"), "train/reward_gap": gathered("gaps")})
+            if args.last_step == "constrain":
+                metrics.update({"train/last_step_gap": gathered("last_gap"), "train/multiplier": multiplier})
+            metrics.update({"train/grad_norm": grad_norm.item(), "perf/step_time_s": step_time,
+                            "perf/samples_per_s": samples_per_s})
+            if is_main:
+                elapsed_s = elapsed_offset + time.time() - started
+                # online: --samples-per-prompt sampled and scored per pair; offline: two read images, no queries
+                pairs_per_step = args.batch_size * args.grad_accum * world_size
+                images_per_step = pairs_per_step * (args.samples_per_prompt if online else 2)
+                metrics.update(cost_metrics(step, images_per_step, images_per_step if online else 0, elapsed_s, device))
+                reward_text = f"reward {metrics['train/reward']:.4f} " if online else ""
+                print(f"step {step}/{args.train_steps} {reward_text}loss_dpo {metrics['train/loss_dpo']:.4f} "
+                      f"margin {metrics['train/implicit_margin']:.4f} accuracy {metrics['train/implicit_accuracy']:.2f} "
+                      f"kl {metrics['train/kl']:.4f} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} pairs/s | "
+                      f"{progress_text(elapsed_s, loop_started, step - start_step, args.train_steps - step)}")
+                log(metrics, step)
+        # ---- save / evaluate (not after a non-finite loss: it came from these weights)
+        if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
+            if is_main:
+                save_checkpoint(run_dir, unet, training_state(step, unet, optimizer, grad_scaler, run,
+                                                              multiplier=multiplier, ema=ema), args.checkpoint_limit)
+            if world_size > 1:
+                dist.barrier()
+        if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
+            run_evaluation(step)
+
+    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
+        set_lora(unet, good["lora"])
+        if is_main:
+            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
+                  f"weights of step {good['step']}, the last with a finite loss")
+    if world_size > 1:
+        check_ranks_in_sync(lora_params)
+        if is_main:
+            print(f"LoRA weights identical on all {world_size} ranks")
+    if args.train_steps > start_step:
+        run_evaluation(args.train_steps)
+    if is_main:
+        final_dir = save_final(unet, run_dir)
+        write_model_card(final_dir, args, final_scores, scored_step)
+        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
+        if args.track:
+            wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+
+# ============================================================================================
+# INFRASTRUCTURE: loading, saving and resuming, ranks, evaluation and logging, validation
+# ============================================================================================
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -372,6 +973,35 @@ def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     return prompts
 
 
+
+def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
+    """'name' or 'name=path' -> a frozen reward module (see common.load_reward)."""
+    name, _, path = spec.partition("=")
+    if name not in REWARDS:
+        raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
+    return load_reward(name, path or None, device=device, dtype=dtype)
+
+
+def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
+    """One warning for the prompts longer than the text encoder's token limit (encode_prompts cuts them silently)."""
+    unique = list(dict.fromkeys(prompts))
+    lengths = [len(ids) for ids in tokenizer(unique, truncation=False, verbose=False).input_ids]
+    cut = [prompt for prompt, length in zip(unique, lengths) if length > tokenizer.model_max_length]
+    if cut:
+        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
+              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
+
+
+
+# --------------------------------------------------------------------------------------------
+# Offline pair files (cm_dpo only)
+# --------------------------------------------------------------------------------------------
+
+# offline pair images farther than this from a square of the training resolution are refused
+MAX_ASPECT = 4
+MIN_SIDE_DIVISOR = 8
+
+
 def read_pairs(path: str | Path, resolution: int) -> list[dict]:
     """The offline pairs: [{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory.
 
@@ -454,410 +1084,14 @@ def load_image(path: str, resolution: int, line: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1)
 
 
-def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
-    """'name' or 'name=path' -> a frozen reward module (see common.load_reward)."""
-    name, _, path = spec.partition("=")
-    if name not in REWARDS:
-        raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
-    return load_reward(name, path or None, device=device, dtype=dtype)
-
-
 # --------------------------------------------------------------------------------------------
-# The LCM sampling chain
-# --------------------------------------------------------------------------------------------
-
-def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
-    """One warning for the prompts longer than the text encoder's token limit (encode_prompts cuts them silently)."""
-    unique = list(dict.fromkeys(prompts))
-    lengths = [len(ids) for ids in tokenizer(unique, truncation=False, verbose=False).input_ids]
-    cut = [prompt for prompt, length in zip(unique, lengths) if length > tokenizer.model_max_length]
-    if cut:
-        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
-              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-
-
-def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
-    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
-    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
-    half = dim // 2
-    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    angles = w.float()[:, None] * frequencies[None, :]
-    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2 == 1:
-        embedding = torch.nn.functional.pad(embedding, (0, 1))
-    return embedding.to(device)
-
-
-@dataclass
-class ChainStep:
-    """Coefficients of one LCM step at timestep t; *_next describe the noise added towards t'.
-
-    The coefficients are scalars on the sampling chain and (B, 1, 1, 1) tensors (t of shape (B,))
-    where every sample has its own timestep (the consistency loss).
-    """
-
-    t: torch.Tensor
-    alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
-    sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
-    c_skip: torch.Tensor
-    c_out: torch.Tensor
-    alpha_next: Optional[torch.Tensor] = None  # None on the last, deterministic step
-    sigma_next: Optional[torch.Tensor] = None
-
-
-def timestep_coefficients(scheduler, t: torch.Tensor) -> dict:
-    """alpha, sigma and the boundary-condition scalings c_skip, c_out at timesteps t, as LCMScheduler.step has them."""
-    scaled = t.cpu() * scheduler.config.timestep_scaling
-    sigma_data = 0.5
-    alpha_prod = scheduler.alphas_cumprod[t.cpu()]
-    return dict(alpha=alpha_prod.sqrt(), sigma=(1 - alpha_prod).sqrt(), c_skip=sigma_data**2 / (scaled**2 + sigma_data**2),
-                c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5)
-
-
-def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
-    """The scheduler's timesteps and boundary-condition scalings for a K-step chain."""
-    scheduler.set_timesteps(num_steps, device=device)
-    timesteps = scheduler.timesteps
-    steps = []
-    for i, t in enumerate(timesteps):
-        step = dict(t=t, **timestep_coefficients(scheduler, t))
-        if i + 1 < len(timesteps):
-            following = timestep_coefficients(scheduler, timesteps[i + 1])
-            step.update(alpha_next=following["alpha"], sigma_next=following["sigma"])
-        steps.append(ChainStep(**{k: v.to(device) for k, v in step.items()}))
-    return steps
-
-
-def per_sample_step(scheduler, t: torch.Tensor, device) -> ChainStep:
-    """A ChainStep whose coefficients differ per sample: t (B,) -> coefficients (B, 1, 1, 1)."""
-    coefficients = {k: v.view(-1, 1, 1, 1).to(device) for k, v in timestep_coefficients(scheduler, t).items()}
-    return ChainStep(t=t.to(device), **coefficients)
-
-
-def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
-    eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
-    x0_hat = (x - step.sigma * eps) / step.alpha
-    return step.c_out * x0_hat + step.c_skip * x
-
-
-@torch.no_grad()
-def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f_ref(x_t): the same UNet with its LoRA adapters disabled (never a copy of the model)."""
-    unet.disable_adapters()
-    try:
-        return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
-    finally:
-        unet.enable_adapters()
-
-
-def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
-    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
-    return latents, noises
-
-
-@torch.no_grad()
-def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding) -> list[torch.Tensor]:
-    """Run the K-step chain; return its states [x_K, ..., x_1, x_0]: schedule[i] maps states[i] to states[i + 1]."""
-    states = [latents]
-    for k, step in enumerate(schedule):
-        denoised = consistency_fn(unet, states[-1], step, prompt_embeds, w_embedding)
-        states.append(denoised if step.alpha_next is None else step.alpha_next * denoised + step.sigma_next * noises[k])
-    return states
-
-
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> latents; the posterior mean, so cached latents and resumed runs are deterministic."""
-    return vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-
-
-# --------------------------------------------------------------------------------------------
-# The CM-DPO loss
-# --------------------------------------------------------------------------------------------
-
-def transition(step: ChainStep) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """(a, s^2): mean scale and variance of p(x_{k-1} | x_k) = N(a f(x_k), s^2 I); the last step is (1, 0)."""
-    if step.alpha_next is None:
-        return 1.0, 0.0
-    return step.alpha_next, step.sigma_next**2
-
-
-def step_weight(variance, eps: float) -> torch.Tensor:
-    """The seed's w_k = 1 / max(s_k^2, eps^2): the step's precision, floored so the deterministic last step is usable."""
-    return 1.0 / torch.clamp(torch.as_tensor(variance, dtype=torch.float32), min=eps**2)
-
-
-def step_log_ratio(target: torch.Tensor, mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
-    """log N(target; mean_policy, 1/weight) - log N(target; mean_ref, 1/weight), summed over each sample's dimensions.
-
-    Written as <mean_policy - mean_ref, 2 target - mean_policy - mean_ref> * weight / 2, the difference of
-    the two squared distances without their cancellation: exactly zero while the policy is the reference.
-    """
-    mean_policy, mean_ref = mean_policy.float(), mean_ref.float()
-    product = (mean_policy - mean_ref) * (2 * target.float() - mean_policy - mean_ref)
-    return weight * product.flatten(1).sum(1) / 2
-
-
-def step_divergence(mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
-    """weight / 2 * ||mean_policy - mean_ref||^2: the KL of the step's Gaussians, the seed's per-step term."""
-    return weight * (mean_policy.float() - mean_ref.float()).square().flatten(1).sum(1) / 2
-
-
-def dpo_loss(winner: torch.Tensor, loser: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair: (-log sigmoid(margin), margin) with margin = beta * (winner - loser), the implicit reward margin."""
-    margin = beta * (winner - loser)
-    return F.softplus(-margin), margin
-
-
-def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per sample: mean squared error, or pseudo-Huber sqrt(mse + c^2) - c (iCT's, scaled to the RMS error)."""
-    mse = (prediction.float() - target.float()).square().flatten(1).mean(1)
-    return mse if kind == "l2" else (mse + HUBER_C**2).sqrt() - HUBER_C
-
-
-def consistency_grid(scheduler) -> torch.Tensor:
-    """The timesteps the LCM was distilled on: [k-1, 2k-1, ..., T-1], k = T / original_inference_steps (19 ... 999)."""
-    skip = scheduler.config.num_train_timesteps // scheduler.config.original_inference_steps
-    return torch.arange(1, scheduler.config.original_inference_steps + 1) * skip - 1
-
-
-@contextlib.contextmanager
-def weights_replaced(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
-    """Temporarily load other values (the EMA) into the LoRA weights."""
-    with torch.no_grad():
-        backup = [p.detach().clone() for p in params]
-        for param, value in zip(params, values):
-            param.copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for param, value in zip(params, backup):
-                param.copy_(value)
-
-
-@dataclass
-class PairBatch:
-    """A micro-batch of preference pairs: b prompts; each state holds the b winners, then the b losers."""
-
-    prompts: list[str]
-    embeds: torch.Tensor  # (2b, tokens, dim), winners then losers
-    states: list[torch.Tensor]  # K + 1 tensors (2b, C, H, W): x_K, ..., x_1, x_0
-    keep: torch.Tensor  # (b,) float: 1 for pairs that enter L_DPO
-    con_t: torch.Tensor  # (2b,) index n into the consistency grid: L_con compares t_{n+1} with t_n
-    con_noise: torch.Tensor  # (2b, C, H, W) noise shared by both timesteps
-    rewards: Optional[torch.Tensor] = None  # online: (b * samples_per_prompt,) every sample's reward
-    gaps: Optional[torch.Tensor] = None  # online: (b,) winner minus loser reward
-
-
-class CmDpoObjective(torch.nn.Module):
-    """The loss of one micro-batch of pairs as a single forward: K policy and reference passes, L_con.
-
-    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward
-    per backward it expects, although it calls the UNet several times before the single backward.
-    """
-
-    def __init__(self, args: Args, unet, scheduler, schedule: list[ChainStep], lora_params, ema: Optional[list]):
-        super().__init__()
-        self.args, self.unet, self.scheduler, self.schedule = args, unet, scheduler, schedule
-        self.lora_params, self.ema = lora_params, ema
-        self.grid = consistency_grid(scheduler)
-
-    def policy(self, x, step: ChainStep, embeds, w_embedding):
-        if self.args.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(consistency_fn, self.unet, x, step, embeds, w_embedding,
-                                                     use_reentrant=False)
-        return consistency_fn(self.unet, x, step, embeds, w_embedding)
-
-    def trajectory_terms(self, batch: PairBatch, w_embedding) -> dict:
-        """Per chain (2b,): the per-step DPO terms (each a mean over latent dimensions) summed over steps, the
-        exact KL of the stochastic steps (summed over dimensions), the last-step gap."""
-        args = self.args
-        zeros = batch.states[0].new_zeros(batch.states[0].shape[0], dtype=torch.float32)
-        dims = batch.states[0][0].numel()
-        total, kl, last_gap = zeros, zeros, zeros
-        for i, step in enumerate(self.schedule):
-            last = step.alpha_next is None
-            if last and args.last_step == "drop":
-                break
-            f_policy = self.policy(batch.states[i], step, batch.embeds, w_embedding)
-            f_ref = reference_fn(self.unet, batch.states[i], step, batch.embeds, w_embedding)
-            if last and args.last_step == "constrain":
-                last_gap = (f_policy.float() - f_ref.float()).square().flatten(1).mean(1)
-                break
-            a, variance = transition(step)
-            weight = step_weight(variance, args.eps).to(zeros.device)
-            # divided by the latent's dimensions, so beta means the same at every resolution
-            if args.dpo_form == "logratio":
-                total = total + step_log_ratio(batch.states[i + 1], a * f_policy, a * f_ref, weight) / dims
-            else:
-                total = total + step_divergence(a * f_policy, a * f_ref, weight) / dims
-            if not last:
-                kl = kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
-        return {"total": total, "kl": kl, "last_gap": last_gap}
-
-    def consistency_term(self, batch: PairBatch, w_embedding) -> torch.Tensor:
-        """L_con per sample on the batch's final latents, noised to adjacent grid timesteps t_{n+1} > t_n, same z."""
-        clean, device = batch.states[-1], batch.states[-1].device
-        low = per_sample_step(self.scheduler, self.grid[batch.con_t], device)
-        high = per_sample_step(self.scheduler, self.grid[batch.con_t + 1], device)
-        return self.consistency_gap(high.alpha * clean + high.sigma * batch.con_noise, high,
-                                    low.alpha * clean + low.sigma * batch.con_noise, low, batch.embeds, w_embedding)
-
-    def consistency_gap(self, x_high, high: ChainStep, x_low, low: ChainStep, embeds, w_embedding) -> torch.Tensor:
-        """d(f_theta(x_high), stopgrad f_target(x_low)) per sample, the target being the reference or the EMA."""
-        if self.args.con_target == "reference":
-            target = reference_fn(self.unet, x_low, low, embeds, w_embedding)
-        else:
-            with torch.no_grad(), weights_replaced(self.lora_params, self.ema):
-                target = consistency_fn(self.unet, x_low, low, embeds, w_embedding)
-        return consistency_loss(self.policy(x_high, high, embeds, w_embedding), target, self.args.con_loss)
-
-    def forward(self, batch: PairBatch, w_embedding, multiplier: float):
-        """Returns (loss, per-pair / per-chain statistics, detached)."""
-        args = self.args
-        # the EMA target first: it swaps weights in place, which must happen before the graph saves them
-        con = self.consistency_term(batch, w_embedding) if args.con_weight > 0 else None
-        terms = self.trajectory_terms(batch, w_embedding)
-        winner, loser = terms["total"].chunk(2)
-        pair_loss, margin = dpo_loss(winner, loser, args.beta)
-        # skipped pairs weigh zero but still count in the mean: the step does not grow when few survive
-        loss = (pair_loss * batch.keep).mean()
-        if con is not None:
-            loss = loss + args.con_weight * con.mean()
-        if args.last_step == "constrain":
-            loss = loss + multiplier * terms["last_gap"].mean()
-        kept = batch.keep.bool()
-        stats = {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept], "margin": margin.detach()[kept],
-                 "kl": terms["kl"].detach(), "loss_con": con.detach() if con is not None else None,
-                 "last_gap": terms["last_gap"].detach() if args.last_step == "constrain" else None}
-        return loss, stats
-
-
-# --------------------------------------------------------------------------------------------
-# Pairs, ranks and checkpoints
+# Ranks and checkpoints
 # --------------------------------------------------------------------------------------------
 
 def derived_seed(*keys: int) -> int:
     """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
-
-def micro_batch_items(args: Args, num_items: int, step: int, micro: int, rank: int, world_size: int) -> list[tuple]:
-    """This rank's slice of the global micro-batch: (global pair index, item index) for prompts or offline pairs.
-
-    Everything random about a pair is drawn from seeds of its global index, so N ranks with batch b
-    see exactly the pairs one process with batch N*b sees.
-    """
-    chosen = random.Random(derived_seed(args.seed, step, micro)).choices(range(num_items), k=args.batch_size * world_size)
-    return [(i, chosen[i]) for i in range(rank * args.batch_size, (rank + 1) * args.batch_size)]
-
-
-def pair_generator(args: Args, step: int, micro: int, index: int, use: int, device) -> torch.Generator:
-    """use 0: the pair's chain noise; use 1: its L_con timesteps and noise."""
-    return torch.Generator(device=device).manual_seed(derived_seed(args.seed, step, micro, index, use))
-
-
-def consistency_draws(args: Args, step: int, micro: int, indices: list[int], grid_size: int, latent_shape, device):
-    """Per pair, the winner's and the loser's L_con grid index and shared noise, arranged winners then losers."""
-    draws = []
-    for i in indices:
-        generator = pair_generator(args, step, micro, i, 1, device)
-        t = torch.randint(0, grid_size - 1, (2,), generator=generator, device=generator.device).cpu()
-        noise = torch.randn((2, *latent_shape), generator=generator, device=generator.device).to(device)
-        draws.append((t, noise))
-    t = torch.cat([torch.stack([d[0][j] for d in draws]) for j in (0, 1)])
-    noise = torch.cat([torch.stack([d[1][j] for d in draws]) for j in (0, 1)])
-    return t, noise
-
-
-@torch.no_grad()
-def online_pairs(args: Args, models, reward_fn, schedule, prompts: list[str], step: int, micro: int, rank: int,
-                 world_size: int, latent_shape, w_row, grid_size: int, device, autocast) -> PairBatch:
-    """Sample every prompt --samples-per-prompt times from the current policy; best and worst become a pair."""
-    tokenizer, text_encoder, vae, unet = models
-    items = micro_batch_items(args, len(prompts), step, micro, rank, world_size)
-    chosen = [prompts[j] for _, j in items]
-    n = args.samples_per_prompt
-    draws = [draw_chain_noise((n, *latent_shape), len(schedule), pair_generator(args, step, micro, i, 0, device), device)
-             for i, _ in items]
-    latents = torch.cat([latent for latent, _ in draws])  # pair-major: pair 0's n samples, pair 1's, ...
-    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
-    sample_prompts = [prompt for prompt in chosen for _ in range(n)]
-    with autocast:
-        embeds = encode_prompts(tokenizer, text_encoder, chosen)
-        states = sample_trajectory(unet, latents, noises, schedule, embeds.repeat_interleave(n, 0),
-                                   w_row.expand(len(sample_prompts), -1))
-        rewards = reward_fn(decode(vae, states[-1]), sample_prompts).float()
-    grouped = rewards.view(len(chosen), n)
-    rows = torch.arange(len(chosen), device=rewards.device) * n
-    best, worst = rows + grouped.argmax(1), rows + grouped.argmin(1)
-    gaps = grouped.max(1).values - grouped.min(1).values
-    keep = ((gaps > 0) & (gaps >= args.reward_margin)).float().to(device)
-    order = torch.cat([best, worst]).to(device)
-    con_t, con_noise = consistency_draws(args, step, micro, [i for i, _ in items], grid_size, latent_shape, device)
-    return PairBatch(prompts=chosen, embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep,
-                     con_t=con_t, con_noise=con_noise, rewards=rewards, gaps=gaps)
-
-
-class OfflinePairs:
-    """The --pairs-file pairs; each image is VAE-encoded once and its latent kept (on the CPU)."""
-
-    def __init__(self, args: Args, records: list[dict]):
-        self.args, self.records, self.latents = args, records, {}
-
-    def latent(self, vae, path: str, line: int) -> torch.Tensor:
-        if path not in self.latents:
-            image = load_image(path, self.args.resolution, line)[None]
-            self.latents[path] = encode_images(vae, image)[0].float().cpu()
-        return self.latents[path]
-
-    @torch.no_grad()
-    def batch(self, models, schedule, step: int, micro: int, rank: int, world_size: int, latent_shape, w_row,
-              grid_size: int, device, autocast) -> PairBatch:
-        """Encode this rank's pairs and build their approximate chains (--offline-chain), noise shared by each pair."""
-        tokenizer, text_encoder, vae, unet = models
-        items = micro_batch_items(self.args, len(self.records), step, micro, rank, world_size)
-        records = [self.records[j] for _, j in items]
-        clean = torch.stack([self.latent(vae, r[key], r["line"]) for key in ("winner", "loser") for r in records])
-        clean = clean.to(device)
-        noise = [torch.randn((len(schedule), *latent_shape), device=device,
-                             generator=pair_generator(self.args, step, micro, i, 0, device)) for i, _ in items]
-        noise = torch.stack(noise + noise, dim=1)  # (K, 2b, ...): the winner and loser of a pair share it
-        prompts = [r["prompt"] for r in records]
-        with autocast:
-            embeds = encode_prompts(tokenizer, text_encoder, prompts)
-        embeds = torch.cat([embeds, embeds])
-        states = []
-        for i, chain_step in enumerate(schedule):
-            if self.args.offline_chain == "forward" or i == 0:
-                states.append(chain_step.alpha * clean + chain_step.sigma * noise[i])
-            else:
-                previous = schedule[i - 1]
-                with autocast:
-                    reference = reference_fn(unet, states[-1], previous, embeds, w_row.expand(len(embeds), -1))
-                states.append(previous.alpha_next * reference.float() + previous.sigma_next * noise[i])
-        states.append(clean)
-        con_t, con_noise = consistency_draws(self.args, step, micro, [i for i, _ in items], grid_size, latent_shape,
-                                             device)
-        return PairBatch(prompts=prompts, embeds=embeds, states=states, keep=torch.ones(len(records), device=device),
-                         con_t=con_t, con_noise=con_noise)
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -1269,241 +1503,6 @@ def validate(args: Args) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
-
-
-def main(args: Args) -> None:
-    started = time.time()
-    validate(args)
-    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
-    online = args.pairs == "online"
-    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt") if online else None
-    offline = OfflinePairs(args, read_pairs(args.pairs_file, args.resolution)) if not online else None
-    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
-    rank, world_size, device = setup_distributed(args.device)
-    is_main = rank == 0
-    run = run_record(args, world_size)
-    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
-    torch.manual_seed(args.seed)
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
-
-    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
-    quiet_loaders()
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
-    if is_main:
-        training_prompts = train_prompts if online else [record["prompt"] for record in offline.records]
-        warn_truncated_prompts(tokenizer, training_prompts + eval_prompts)
-    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
-    if args.num_inference_steps > scheduler.config.original_inference_steps:
-        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
-                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
-    reward_fn = None
-    if online:
-        try:
-            reward_fn = load_reward_spec(args.reward, device, weight_dtype)
-        except (FileNotFoundError, ImportError) as error:
-            raise SystemExit(f"error: {error}")
-    eval_rewards = {}
-    for spec in args.eval_rewards if is_main else ():
-        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
-            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
-        except (FileNotFoundError, ImportError) as error:
-            print(f"warning: skipping evaluation reward: {error}")
-    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
-    speed_up(unet, vae, args.channels_last, args.compile)
-    ema = [p.detach().clone() for p in lora_params] if args.con_target == "ema" and args.con_weight > 0 else None
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
-    models = (tokenizer, text_encoder, vae, unet)
-    objective = CmDpoObjective(args, unet, scheduler, schedule, lora_params, ema)
-    grid_size = len(objective.grid)
-    latent_shape = (unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae))
-    w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, device)
-    multiplier = args.last_step_multiplier
-
-    start_step = 0
-    if resumed:
-        start_step, multiplier = load_checkpoint(resumed, unet, optimizer, grad_scaler, args), resumed["multiplier"]
-        if ema is not None and resumed["ema"] is None:
-            raise SystemExit(f"error: '{resumed['path']}' was trained without --con-target ema; resume with the same "
-                             "flags")
-        for average, value in zip(ema or [], resumed["ema"] or []):
-            average.copy_(value)
-        run_dir = resumed["path"].parent.parent
-    else:
-        run_dir = new_run_dir(args, is_main, world_size)
-        lock = lock_run_dir(run_dir) if is_main else None
-    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if is_main:
-        record_args(run_dir, args, resumed)
-        print(f"run directory: {run_dir}" + (f" (resumed at step {start_step})" if args.resume else ""))
-        source = f"online, best and worst of {args.samples_per_prompt} samples per prompt" if online \
-            else f"offline, {len(offline.records)} pairs in {args.pairs_file}"
-        print(f"effective batch: {args.batch_size} x {args.grad_accum} accumulation x {world_size} ranks = "
-              f"{args.batch_size * args.grad_accum * world_size} pairs per optimizer step ({source})")
-        if args.track:
-            wandb = start_wandb(args, run_dir)
-
-    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
-        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if args.track:
-            wandb.log({**metrics, **(media or {})}, step=step)
-
-    final_scores, scored_step = {}, None
-
-    def run_evaluation(step: int) -> None:
-        nonlocal final_scores, scored_step
-        if is_main:
-            unet.eval()
-            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
-            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
-            for reward in eval_rewards.values():
-                reward.to("cpu")
-            grid = run_dir / "samples" / f"step_{step:06d}.png"
-            save_image_grid(images, grid)
-            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
-            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            final_scores, scored_step = metrics, step
-            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
-            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
-                eval_prompts))} if args.track else None)
-        if world_size > 1:
-            dist.barrier()
-
-    def pair_batch(step: int, micro: int) -> PairBatch:
-        if online:
-            return online_pairs(args, models, reward_fn, schedule, train_prompts, step, micro, rank, world_size,
-                                latent_shape, w_row, grid_size, device, autocast)
-        return offline.batch(models, schedule, step, micro, rank, world_size, latent_shape, w_row, grid_size, device,
-                             autocast)
-
-    if start_step == 0:
-        run_evaluation(0)
-    elapsed_offset = elapsed_before(run_dir, start_step) if is_main else 0.0
-    loop_started = time.perf_counter()
-    nonfinite_in_a_row = skipped_steps = 0
-    good = None  # the newest training state whose weights gave a finite loss
-    for step in range(start_step + 1, args.train_steps + 1):
-        unet.train()
-        start = time.perf_counter()
-        stats, nonfinite = [], False
-        try:
-            for micro in range(args.grad_accum):
-                batch = pair_batch(step, micro)
-                # ranks all-reduce gradients only in the last micro-batch's backward
-                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 or world_size == 1 \
-                    else objective.no_sync()
-                with sync:
-                    with autocast:
-                        loss, micro_stats = objective(batch, w_row.expand(len(batch.embeds), -1), multiplier)
-                    # a non-finite loss still runs backward, so every rank joins the same all-reduce;
-                    # its non-finite gradient then makes all ranks skip the update together
-                    nonfinite |= not torch.isfinite(loss).item()
-                    grad_scaler.scale(loss / args.grad_accum).backward()
-                micro_stats.update(rewards=batch.rewards, gaps=batch.gaps, keep=batch.keep)
-                stats.append(micro_stats)
-        except torch.OutOfMemoryError:
-            raise SystemExit(f"error: out of memory at step {step}; lower --batch-size (raise --grad-accum to keep "
-                             "the effective batch), lower --samples-per-prompt, keep --gradient-checkpointing, "
-                             "or lower --resolution")
-        grad_scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-        nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
-
-        def gathered(name: str) -> float:
-            return global_mean(torch.cat([s[name] for s in stats]), world_size)
-
-        if nonfinite:
-            nonfinite_in_a_row += 1
-            skipped_steps += 1
-            grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
-            if is_main:
-                print(f"warning: step {step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-                log({"train/skipped_steps": skipped_steps}, step)
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                stop_non_finite(run_dir, unet, good, is_main,
-                                f"{nonfinite_in_a_row} non-finite steps in a row at step {step}")
-        else:
-            # the update that makes the weights non-finite shows only in the next loss: keep the state before it
-            good = training_state(step - 1, unet, optimizer, grad_scaler, run, multiplier=multiplier, ema=ema)
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-            nonfinite_in_a_row = 0
-            if ema is not None:
-                with torch.no_grad():
-                    for average, param in zip(ema, lora_params):
-                        average.lerp_(param, 1 - args.ema_decay)
-            if args.last_step == "constrain" and args.dual_lr > 0:
-                # every rank sees the same global gap, so the multiplier stays identical across ranks
-                multiplier = max(0.0, multiplier + args.dual_lr * (gathered("last_gap") - args.last_step_budget))
-        optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - start
-
-        if not nonfinite and step % args.log_every == 0:
-            samples_per_s = args.batch_size * args.grad_accum * world_size / step_time
-            metrics = {"train/loss": gathered("loss"), "train/loss_dpo": gathered("loss_dpo"),
-                       "train/implicit_margin": gathered("margin"),
-                       "train/implicit_accuracy": global_mean(torch.cat([(s["margin"] > 0).float() for s in stats]),
-                                                              world_size),
-                       "train/kept_pairs": gathered("keep"), "train/kl": gathered("kl")}
-            metrics["train/divergence"] = metrics["train/kl"]
-            if args.con_weight > 0:
-                metrics["train/loss_con"] = gathered("loss_con")
-            if online:
-                metrics.update({"train/reward": gathered("rewards"), "train/reward_gap": gathered("gaps")})
-            if args.last_step == "constrain":
-                metrics.update({"train/last_step_gap": gathered("last_gap"), "train/multiplier": multiplier})
-            metrics.update({"train/grad_norm": grad_norm.item(), "perf/step_time_s": step_time,
-                            "perf/samples_per_s": samples_per_s})
-            if is_main:
-                elapsed_s = elapsed_offset + time.time() - started
-                # online: --samples-per-prompt sampled and scored per pair; offline: two read images, no queries
-                pairs_per_step = args.batch_size * args.grad_accum * world_size
-                images_per_step = pairs_per_step * (args.samples_per_prompt if online else 2)
-                metrics.update(cost_metrics(step, images_per_step, images_per_step if online else 0, elapsed_s, device))
-                reward_text = f"reward {metrics['train/reward']:.4f} " if online else ""
-                print(f"step {step}/{args.train_steps} {reward_text}loss_dpo {metrics['train/loss_dpo']:.4f} "
-                      f"margin {metrics['train/implicit_margin']:.4f} accuracy {metrics['train/implicit_accuracy']:.2f} "
-                      f"kl {metrics['train/kl']:.4f} loss {metrics['train/loss']:.4f} | {samples_per_s:.2f} pairs/s | "
-                      f"{progress_text(elapsed_s, loop_started, step - start_step, args.train_steps - step)}")
-                log(metrics, step)
-        # not after a non-finite loss: it came from these weights
-        if args.save_every and step % args.save_every == 0 and not nonfinite_in_a_row:
-            if is_main:
-                save_checkpoint(run_dir, unet, training_state(step, unet, optimizer, grad_scaler, run,
-                                                              multiplier=multiplier, ema=ema), args.checkpoint_limit)
-            if world_size > 1:
-                dist.barrier()
-        if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
-            run_evaluation(step)
-
-    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
-        set_lora(unet, good["lora"])
-        if is_main:
-            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
-                  f"weights of step {good['step']}, the last with a finite loss")
-    if world_size > 1:
-        check_ranks_in_sync(lora_params)
-        if is_main:
-            print(f"LoRA weights identical on all {world_size} ranks")
-    if args.train_steps > start_step:
-        run_evaluation(args.train_steps)
-    if is_main:
-        final_dir = save_final(unet, run_dir)
-        write_model_card(final_dir, args, final_scores, scored_step)
-        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
-        if args.track:
-            wandb.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -247,15 +247,20 @@ class DpoBench(Bench):
         super().__init__(script, args, models, batch_size)
         m, a = self.module, self.run_args
         self.unet.train()
-        self.objective = m.CmDpoObjective(a, self.unet, self.scheduler, self.schedule, self.lora_params, None)
+        self.objective = m.CmDpoObjective(self.unet, self.scheduler, self.schedule, self.lora_params, None, beta=a.beta,
+                                          eps=a.eps, dpo_form=a.dpo_form, last_step=a.last_step,
+                                          con_weight=a.con_weight, con_target=a.con_target, con_loss=a.con_loss,
+                                          checkpoint=a.gradient_checkpointing)
         self.w_row = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, 1, self.device)
         self.images = batch_size * a.samples_per_prompt
 
     def loss_and_grads(self, index: int) -> torch.Tensor:
         models = (self.tokenizer, self.text_encoder, self.vae, self.unet)
-        batch = self.module.online_pairs(self.run_args, models, self.reward_fn, self.schedule, PROMPTS, index, 0, 0, 1,
-                                         self.latent_shape, self.w_row, len(self.objective.grid), self.device,
-                                         self.autocast)
+        a = self.run_args
+        batch = self.module.online_pairs(models, self.reward_fn, self.schedule, PROMPTS, index, 0, 0, 1, self.latent_shape,
+                                         self.w_row, len(self.objective.grid), self.device, self.autocast, seed=a.seed,
+                                         batch_size=a.batch_size, samples_per_prompt=a.samples_per_prompt,
+                                         reward_margin=a.reward_margin)
         with self.autocast:
             loss, _ = self.objective(batch, self.w_row.expand(len(batch.embeds), -1), self.run_args.last_step_multiplier)
         loss.backward()

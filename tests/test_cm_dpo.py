@@ -74,14 +74,25 @@ def offline_batch(lcm, args, pairs_file, step=1):
     tokenizer, text_encoder, vae, unet, scheduler, _ = lcm
     schedule = cm_dpo.lcm_schedule(scheduler, args.num_inference_steps, "cpu")
     w_row = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 1, "cpu")
-    offline = cm_dpo.OfflinePairs(args, cm_dpo.read_pairs(pairs_file, args.resolution))
+    offline = cm_dpo.OfflinePairs(cm_dpo.read_pairs(pairs_file, args.resolution), resolution=args.resolution,
+                                  offline_chain=args.offline_chain, seed=args.seed, batch_size=args.batch_size)
     batch = offline.batch((tokenizer, text_encoder, vae, unet), schedule, step, 0, 0, 1, LATENT_SHAPE, w_row, 50,
                           torch.device("cpu"), contextlib.nullcontext())
     return batch, schedule, w_row.expand(2 * args.batch_size, -1)
 
 
 def objective_of(lcm, args, schedule, ema=None):
-    return cm_dpo.CmDpoObjective(args, lcm[3], lcm[4], schedule, lcm[5], ema)
+    return cm_dpo.CmDpoObjective(lcm[3], lcm[4], schedule, lcm[5], ema, beta=args.beta, eps=args.eps,
+                                 dpo_form=args.dpo_form, last_step=args.last_step, con_weight=args.con_weight,
+                                 con_target=args.con_target, con_loss=args.con_loss,
+                                 checkpoint=args.gradient_checkpointing)
+
+
+def online_pairs(args, models, reward_fn, schedule):
+    return cm_dpo.online_pairs(models, reward_fn, schedule, PROMPTS, 1, 0, 0, 1, LATENT_SHAPE,
+                               cm_dpo.guidance_embedding(8.5, models[3].config.time_cond_proj_dim, 1, "cpu"), 50,
+                               torch.device("cpu"), contextlib.nullcontext(), seed=args.seed, batch_size=args.batch_size,
+                               samples_per_prompt=args.samples_per_prompt, reward_margin=args.reward_margin)
 
 
 def test_chain_matches_the_diffusers_pipeline(tiny, lcm):
@@ -227,7 +238,7 @@ def test_con_loss_is_zero_when_the_model_equals_its_target(lcm, con_loss):
     tokenizer, text_encoder, _, unet, scheduler, lora_params = lcm
     embeds = cm_dpo.encode_prompts(tokenizer, text_encoder, PROMPTS)
     w_embedding = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 2, "cpu")
-    step = cm_dpo.per_sample_step(scheduler, torch.tensor([259, 759]), "cpu")
+    step = cm_dpo.chain_step(scheduler, torch.tensor([259, 759]), None, "cpu")
     x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
     set_lora(lcm)  # the policy is the reference
     reference = objective_of(lcm, make_args(con_loss=con_loss, con_target="reference"), [])
@@ -238,7 +249,7 @@ def test_con_loss_is_zero_when_the_model_equals_its_target(lcm, con_loss):
     assert torch.equal(averaged.consistency_gap(x, step, x, step, embeds, w_embedding), torch.zeros(2))
     assert (reference.consistency_gap(x, step, x, step, embeds, w_embedding) > 0).all()
     # adjacent timesteps of the consistency grid: the loss measures an actual gap
-    high = cm_dpo.per_sample_step(scheduler, torch.tensor([279, 779]), "cpu")
+    high = cm_dpo.chain_step(scheduler, torch.tensor([279, 779]), None, "cpu")
     assert (averaged.consistency_gap(x, high, x, step, embeds, w_embedding) > 0).all()
 
 
@@ -252,8 +263,7 @@ def test_online_pairs_keep_the_sampled_chains_of_the_best_and_worst_sample(lcm):
     schedule = cm_dpo.lcm_schedule(scheduler, 4, "cpu")
     w_row = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 1, "cpu")
     args = make_args(pairs="online", samples_per_prompt=3)
-    batch = cm_dpo.online_pairs(args, (tokenizer, text_encoder, vae, unet), brightness, schedule, PROMPTS, 1, 0, 0, 1,
-                                LATENT_SHAPE, w_row, 50, torch.device("cpu"), contextlib.nullcontext())
+    batch = online_pairs(args, (tokenizer, text_encoder, vae, unet), brightness, schedule)
     grouped = batch.rewards.view(2, 3)
     with torch.no_grad():
         scores = brightness(cm_dpo.decode(vae, batch.states[-1]), None)
@@ -264,9 +274,8 @@ def test_online_pairs_keep_the_sampled_chains_of_the_best_and_worst_sample(lcm):
     with torch.no_grad():
         f_last = cm_dpo.consistency_fn(unet, batch.states[3], schedule[3], embeds, w_row.expand(4, -1))
     assert torch.allclose(f_last, batch.states[4], atol=1e-5)
-    strict = cm_dpo.online_pairs(make_args(pairs="online", reward_margin=1.0), (tokenizer, text_encoder, vae, unet),
-                                 brightness, schedule, PROMPTS, 1, 0, 0, 1, LATENT_SHAPE, w_row, 50,
-                                 torch.device("cpu"), contextlib.nullcontext())
+    strict = online_pairs(make_args(pairs="online", reward_margin=1.0), (tokenizer, text_encoder, vae, unet),
+                          brightness, schedule)
     assert torch.equal(strict.keep, torch.zeros(2))
 
 
