@@ -10,8 +10,8 @@ rate measured in the same run. Writes a markdown table to --output.
 
 Scripts: rocm_kl; rocm_fdiv, one row per --divergences entry; rlcm_ppo, one iteration (sampling its
 --sample-batches batches without gradients, then one PPO epoch), per sampled image; cm_dpo, one
-online-pairs step, per generated image. --fast times each step with the scripts' --compile
---channels-last instead, after checking on the same inputs that its loss and LoRA gradients match the
+online-pairs step, per generated image. --fast times each step with regional torch.compile and
+channels_last (speed_up below; the scripts train the eager path until a GPU shows these faster) instead, after checking on the same inputs that its loss and LoRA gradients match the
 eager path's, and times the eager rocm_kl step as the reference of the speed column.
 
 GPU (the first call spends ~2 minutes writing 10 GB of random weights):
@@ -57,9 +57,9 @@ class Args:
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     """the scripts' --batch-size: images per step (rlcm_ppo: per sampling batch; cm_dpo: pairs)"""
     fast: bool = False
-    """time every step with --compile --channels-last, after checking its loss and LoRA gradients against the eager path; the eager rocm_kl step is timed too, as the reference"""
+    """time every step compiled and channels_last (speed_up), after checking its loss and LoRA gradients against the eager path; the eager rocm_kl step is timed too, as the reference"""
     compile_backend: str = "inductor"
-    """torch.compile backend of --fast (the scripts' --compile uses inductor; aot_eager checks the harness quickly on a CPU)"""
+    """torch.compile backend of --fast (inductor on a GPU; aot_eager or eager check the harness on a CPU, where inductor's gradients are wrong)"""
     resolution: int = 0
     """image side in pixels (0: 512 for real, 32 for tiny)"""
     num_inference_steps: int = 8
@@ -159,13 +159,12 @@ class RocmBench(Bench):
         super().__init__(script, args, models, batch_size, **({"divergence": divergence} if divergence else {}))
         m, a = self.module, self.run_args
         models = (self.tokenizer, self.text_encoder, self.vae, self.unet, self.reward_fn, self.schedule)
-        if script == "rocm_fdiv":  # plain arguments, as its main() passes them
-            self.objective = m.RocmObjective(*models, divergence=a.divergence, beta=a.beta, reduction=a.reduction,
-                                             js_estimator=a.js_estimator, reference_grad=a.reference_grad,
-                                             checkpoint=a.gradient_checkpointing,
-                                             checkpoint_decode=a.checkpoint_decode)
-        else:
-            self.objective = m.RocmObjective(a, *models)
+        # plain arguments, as the scripts' main() passes them; rocm_fdiv adds its divergence's knobs
+        fdiv = dict(divergence=a.divergence, reduction=a.reduction, js_estimator=a.js_estimator) \
+            if script == "rocm_fdiv" else {}
+        self.objective = m.RocmObjective(*models, beta=a.beta, reference_grad=a.reference_grad,
+                                         checkpoint=a.gradient_checkpointing, checkpoint_decode=a.checkpoint_decode,
+                                         **fdiv)
         self.w_embedding = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, batch_size,
                                                 self.device)
         self.unet.train()
@@ -173,13 +172,11 @@ class RocmBench(Bench):
     def loss_and_grads(self, index: int) -> torch.Tensor:
         a = self.run_args
         # rocm_fdiv's micro_batch adds the sampled-JS generators, which its objective takes last
-        if self.module.__name__ == "rocm_fdiv":
-            prompts, latents, noises, *generators = self.module.micro_batch(
-                a.seed, PROMPTS, index, 0, a.batch_size, 0, 1, self.latent_shape, len(self.schedule), self.device,
-                a.divergence == "js" and a.js_estimator == "sampled")
-        else:
-            prompts, latents, noises, *generators = self.module.micro_batch(
-                a, PROMPTS, index, 0, 0, 1, self.latent_shape, len(self.schedule), self.device)
+        sampled_js = [a.divergence == "js" and a.js_estimator == "sampled"] if self.module.__name__ == "rocm_fdiv" \
+            else []
+        prompts, latents, noises, *generators = self.module.micro_batch(
+            a.seed, PROMPTS, index, 0, a.batch_size, 0, 1, self.latent_shape, len(self.schedule), self.device,
+            *sampled_js)
         with self.autocast:
             loss = self.objective(prompts, latents, noises, self.w_embedding, *generators)[0]
         loss.backward()
@@ -284,6 +281,28 @@ def benchmark_rows(args: Args) -> list[tuple[str, str, Callable[..., Bench]]]:
     return [(n, "eager", b) for n, b in sorted(named, key=lambda item: item[0] != "rocm_kl")]
 
 
+def speed_up(unet, vae, channels_last: bool, compile: bool, backend: str = "inductor") -> None:
+    """The fast path's speed levers, applied in place after the LoRA is attached (moved out of the scripts until a
+    GPU run shows them faster; they train the eager path).
+
+    channels_last stores the convolution weights NHWC (the convolutions then run NHWC). compile compiles the
+    repeated blocks, not the whole model: each UNet down/mid/up block and the VAE decoder gets module.compile(),
+    which keeps the module tree and the parameter names, so the LoRA state dict has no `_orig_mod` in its keys and
+    gradient checkpointing wraps the compiled blocks unchanged.
+    """
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if compile:
+        # adapters on/off, grad on/off, train/eval and batch sizes each add a variant of a block
+        config = torch._dynamo.config  # the limit was called cache_size_limit before torch 2.6
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 64))
+        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks, vae.decoder]:
+            if block is not None:
+                block.compile(backend=backend)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -330,7 +349,7 @@ def measure(bench: Bench, args: Args, fast: bool) -> dict:
     figures = {"flop_per_image": counter.get_total_flops() / bench.images, "max_rel_diff": None}
     if fast:
         eager = bench.parity_values()
-        bench.module.speed_up(bench.unet, bench.vae, channels_last=True, compile=True, backend=args.compile_backend)
+        speed_up(bench.unet, bench.vae, channels_last=True, compile=True, backend=args.compile_backend)
         figures["max_rel_diff"] = max_relative_difference(bench.parity_values(), eager)
     for _ in range(args.warmup):
         bench.step()
@@ -356,6 +375,10 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: unknown divergence {', '.join(unknown)}; choose from: {', '.join(DIVERGENCES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: CUDA is not available here; pass --scale tiny --device cpu --mixed-precision no")
+    if args.fast and args.compile_backend == "inductor" and not args.device.startswith("cuda"):
+        raise SystemExit("error: --fast with inductor needs a CUDA device: inductor's CPU backend returns zero "
+                         "gradients through the UNet's upsampling blocks (benchmarks/inductor_gradient_check.py); "
+                         "pass --compile-backend aot_eager to check the harness on a CPU")
     device = torch.device(args.device)
     models = build_models(args)
     rate = matmul_rate(device, weight_dtype(args))
@@ -368,7 +391,7 @@ def main(args: Args) -> None:
     lines = [f"Training step per image, {args.scale} scale, {args.resolution} px, K={args.num_inference_steps}, "
              f"LoRA r16, {args.mixed_precision}, checkpointing on. {hardware}, torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, {datetime.date.today()}; matmul rate measured in the same run: "
-             f"{rate / 1e12:.1f} TFLOP/s. Path fast: --compile --channels-last ({args.compile_backend}); its parity "
+             f"{rate / 1e12:.1f} TFLOP/s. Path fast: compiled blocks + channels_last ({args.compile_backend}); its parity "
              f"column is the largest gap of loss and LoRA gradients to the eager path on the same inputs, relative to "
              f"each tensor's largest entry (tolerance {tolerance:g}). Speed: eager rocm_kl's ms / image over the row's.",
              "", "| script | path | batch | images / step | ms / image | GFLOP / image | TFLOP/s | % of matmul rate | "

@@ -1,6 +1,6 @@
 """Does torch.compile (inductor) give the right input gradient through a diffusers-style upsampling block?
 
-Why --compile is refused on the CPU. On torch 2.13's CPU backend, inductor returns an all-zero
+Why bench_step.py --fast refuses inductor on the CPU. On torch 2.13's CPU backend, inductor returns an all-zero
 input gradient for conv -> GroupNorm -> conv -> /1.0 -> nearest upsample -> conv with frozen
 weights: the pattern of the UNet's first up block (ResnetBlock2D ends with /output_scale_factor,
 then Upsample2D), which sits inside a UNet whose base weights are frozen. In the backward pass the
@@ -75,8 +75,8 @@ def main(args: Args) -> None:
         print(f"torch {torch.__version__}, {device}, {weights} weights: compiled input gradient off by "
               f"{gaps[weights]:.1e} of its largest entry")
     if max(gaps.values()) > TOLERANCE:
-        raise SystemExit(f"error: inductor's input gradient is wrong here (gap above {TOLERANCE:g}); keep --compile "
-                         "off on this device")
+        raise SystemExit(f"error: inductor's input gradient is wrong here (gap above {TOLERANCE:g}); do not compile "
+                         "the UNet with inductor on this device")
     print("inductor's input gradient matches eager")
 
 

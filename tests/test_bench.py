@@ -1,5 +1,5 @@
 """benchmarks/bench_step.py: the harness runs the scripts' own steps and writes its table (CPU, tiny scale);
-benchmarks/inductor_gradient_check.py: the reason --compile is refused on the CPU."""
+benchmarks/inductor_gradient_check.py: the reason bench_step.py --fast refuses inductor on the CPU."""
 
 import os
 import subprocess
@@ -75,7 +75,7 @@ def test_unknown_divergence_is_a_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_the_inductor_gradient_check_finds_the_cpu_bug_and_its_workaround():
-    """Why --compile is refused on the CPU: if the first assertion fails, torch fixed inductor (pytorch PR
+    """Why --fast refuses inductor on the CPU: if the first assertion fails, torch fixed inductor (pytorch PR
     #185873) and the refusal in the scripts' validate() can go."""
     check = [sys.executable, str(REPO / "benchmarks" / "inductor_gradient_check.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
