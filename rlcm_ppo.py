@@ -14,6 +14,8 @@ Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`
         --resolution 32 --num-inference-steps 4 --batch-size 2 --sample-batches 1 --device cpu --mixed-precision no
 """
 
+from __future__ import annotations
+
 import contextlib
 import copy
 import fcntl
@@ -36,8 +38,6 @@ import torch.distributed as dist
 import tyro
 
 from common import REWARDS, load_reward, missing_local_directory
-
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Args:
     lora_alpha: int = 32
     """LoRA alpha (scale alpha / rank)"""
     channels_last: bool = False
-    """store the UNet and VAE channels_last (faster convolutions on recent NVIDIA GPUs; same up to rounding)"""
+    """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs)"""
     compile: bool = False
     """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; same LoRA names)"""
     # general
@@ -242,10 +242,10 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def policy_step(scheduler, timesteps: torch.Tensor, steps: torch.Tensor, device) -> ChainStep:
-    """The step of each sample at its stochastic step index steps (B,), timesteps: the schedule's t values.
+    """The step of each sample n at its stochastic step index steps[n] (timesteps: the schedule's t values).
 
-    Sampling and training both build their steps so, with (B, 1, 1, 1) float32 coefficients (a 0-dim one would
-    compute f in bf16 under autocast): a (sample, step) pair sees the same arithmetic, the first ratio is exactly 1.
+    Sampling and training both build their steps here, so a (sample, step) pair sees the same arithmetic and the
+    first ratio is exactly 1; the (B, 1, 1, 1) float32 coefficients keep f float32 under autocast (0-dim ones: bf16).
     """
     return chain_step(scheduler, timesteps[steps], timesteps[steps + 1], device)
 
@@ -857,6 +857,9 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
         directory.rename(old)
     tmp.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 
 def read_text(path: Path, flag: str, fix: str) -> str:
