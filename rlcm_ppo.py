@@ -447,7 +447,7 @@ def ppo_update(objective, optimizer, grad_scaler, params: list[torch.nn.Paramete
     clipped to max_grad_norm. A step whose loss or gradient is non-finite on any rank is skipped; on_step(finite)
     follows every step, taken or skipped (it may stop the run). Returns per-minibatch stats, grad_norm per step taken.
     """
-    for group in optimizer.param_groups:  # a function of the iteration alone, so --resume continues it
+    for group in optimizer.param_groups:
         group["lr"] = lr
     num_samples, num_actions = rollout.log_probs.shape
     device = rollout.latents.device
@@ -657,6 +657,7 @@ def main(args: Args) -> None:
         sampling_time = time.perf_counter() - start
 
         # ---- loss and update: PPO epochs over shuffled (sample, step) minibatches
+        # the LR is a function of the iteration alone, so --resume continues it
         lr = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration, args.train_steps)
         stats = ppo_update(objective, optimizer, grad_scaler, lora_params, rollout, train_w_embedding, lr,
                            args.ppo_epochs, args.train_batch_size, args.grad_accum, args.max_grad_norm, args.seed,
