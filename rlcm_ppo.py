@@ -1,45 +1,14 @@
 """RLCM: PPO on the policy of a latent consistency model's sampling chain.
 
-Paper: "RL for Consistency Models: Faster Reward Guided Text-to-Image Generation" (RLCM,
-Oertell et al. 2024). The baseline the ROCM paper compares against, and the script for rewards
-without gradients (JPEG compressibility / incompressibility).
-
-An LCM samples in K steps; every step but the last is a Gaussian policy
-    p_k(x_{k-1} | x_k, c) = N(alpha'_k f_theta(x_k), sigma'^2_k I)
-(alpha', sigma' of the next timestep t'). The last step returns f_theta(x_1) without noise, so it
-is no action: the K-1 stochastic steps are the MDP's actions, the reward of the decoded final image
-is the return. Each PPO iteration (one of --train-steps):
-
-1. samples --sample-batches x --batch-size images without gradients, storing per stochastic step
-   x_k, the step index, the sampled x_{k-1} and log p_k(x_{k-1} | x_k) under the sampling policy;
-2. scores the images with the reward (under no_grad; any reward of common.py, differentiable or not);
-3. turns rewards into advantages: per-prompt normalization (a buffer of the last --stat-buffer-size
-   rewards of each prompt, used once it holds --stat-min-count, else the iteration's global
-   mean/std), clipped to [-adv_clip, adv_clip];
-4. runs --ppo-epochs passes over the shuffled (sample, step) pairs in minibatches of
-   --train-batch-size, recomputing log p_k(x_{k-1} | x_k) with the current LoRA and minimizing
-   the clipped objective max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(log p - log p_old),
-   stepping AdamW every --grad-accum minibatches (0: once per epoch) with gradient clipping, at
-   a constant or linearly decaying learning rate (--lr-schedule).
-
-The original RLCM code (github.com/Owen-Oertell/rlcm) accumulates the gradient over every (sample,
-step) pair of its one sampling batch per iteration and takes ONE Adam step (no weight decay, LinearLR
-decay): its ratios are all 1 and its clipping never acts, a normalized-advantage policy gradient.
-The defaults here step every 4 minibatches, so clipping acts; `--sample-batches 1 --grad-accum 0
---weight-decay 0 --lr-schedule linear --lr-end-factor 0.667` trains as RLCM did (docs/rlcm_ppo.md: "original
-RLCM vs rlcm_ppo.py"). Other differences: no fake noise is added to the deterministic last step (it
-is not trained on); the timesteps are diffusers' (K=8: ..., 499, 379, 259, 139; RLCM's patched
-scheduler: ..., 519, 399, 279, 159); every random draw (prompts, chain noise, minibatch shuffles) is
-derived from (seed, iteration, ...), so --resume continues exactly; under torchrun each rank samples
-its own images, the rewards of all ranks are gathered so the per-prompt statistics are global, and
-DistributedDataParallel averages the minibatch gradients; the log-prob reduction is a flag.
-The log-prob is averaged over latent dimensions by default (RLCM's choice; it makes the ratio
-independent of resolution, hence the tiny clip range 1e-4); --logprob-reduction sum gives the true
-log-density, whose log-ratios are num_latent_dims (16,384 at 512 px) times larger.
-
-Run (GPU, real model):
-    python rlcm_ppo.py --reward jpeg_compressibility --train-steps 100 --track
-    python rlcm_ppo.py --reward aesthetic --train-steps 100 --track
+Paper: "RL for Consistency Models" (RLCM, Oertell et al. 2024), ROCM's baseline; the reward needs no gradient (JPEG).
+The K-1 stochastic LCM steps are the actions, the reward R of the decoded image is the return; PPO minimizes
+    E_{n,k} max(-A_n r_nk, -A_n clip(r_nk, 1 - eps, 1 + eps)),  r_nk = p_k(x_{k-1} | x_k, c) / p_k^old(x_{k-1} | x_k, c)
+  p_k = N(alpha'_k f_theta(x_k), sigma'^2_k I)     policy_step, policy_mean_std, gaussian_log_prob
+  A_n = R_n normalized per prompt, clipped         PerPromptStatTracker, compute_advantages
+  the loss; of a minibatch; the whole update       ppo_clipped_loss, PpoObjective, ppo_update
+RLCM's own training (one Adam step per iteration, every ratio 1; docs/rlcm_ppo.md: "original RLCM vs rlcm_ppo.py"):
+`--sample-batches 1 --grad-accum 0 --weight-decay 0 --lr-schedule linear --lr-end-factor 0.667`.
+Run (GPU): python rlcm_ppo.py --reward jpeg_compressibility --train-steps 100 --track
 Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
     python rlcm_ppo.py --model /tmp/tiny/lcm --reward jpeg_compressibility --eval-rewards clipscore=/tmp/tiny/clip \
         --resolution 32 --num-inference-steps 4 --batch-size 2 --sample-batches 1 --device cpu --mixed-precision no
@@ -61,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -70,11 +39,63 @@ import tyro
 
 from common import REWARDS, load_reward, missing_local_directory
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-
 
 @dataclass
 class Args:
+    # algorithm
+    reward: str = "aesthetic"
+    """reward to maximize: NAME or NAME=PATH of common.py, with or without gradient (jpeg_compressibility, ...)"""
+    clip_range: float = 1e-4
+    """PPO clip range eps on the ratio; 1e-4 fits the mean reduction (sum: num_latent_dims times larger log-ratios)"""
+    adv_clip: float = 10.0
+    """advantages are clipped to [-adv_clip, adv_clip]"""
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    """log-prob over latent dimensions: mean (RLCM; resolution-independent ratio) or sum (the true log-density)"""
+    per_prompt_stat_tracking: bool = True
+    """normalize rewards per prompt (buffer + minimum count, global fallback); off: global batch mean/std"""
+    stat_buffer_size: int = 32
+    """rewards kept per prompt for per-prompt normalization"""
+    stat_min_count: int = 16
+    """a prompt's own mean/std is used once it has this many stored rewards; before, the iteration's global ones"""
+    train_steps: int = 100
+    """PPO iterations (each: sample, score, --ppo-epochs passes of minibatch updates); RLCM ran 1000"""
+    batch_size: int = 8
+    """images per sampling batch (RLCM: 8 per GPU for aesthetic, 4 for compressibility)"""
+    sample_batches: int = 4
+    """sampling batches per PPO iteration (RLCM: 1)"""
+    train_batch_size: int = 2
+    """(sample, step) pairs per training minibatch; must divide batch_size x sample_batches x (K-1)"""
+    grad_accum: int = 4
+    """minibatches per optimizer step (a shorter last group ends an epoch); 0: one step per epoch (RLCM)"""
+    ppo_epochs: int = 1
+    """passes over the iteration's (sample, step) pairs, reshuffled each time (RLCM: 1)"""
+    lr: float = 1e-4
+    """AdamW learning rate (RLCM: 1e-4)"""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """LR over the iterations: constant, or at iteration i of N lr x (1 - (1 - lr_end_factor) i / N) (RLCM: linear)"""
+    lr_end_factor: float = 0.0
+    """--lr-schedule linear: the LR factor at the last iteration (RLCM: 2/3, its LinearLR to 0 over 3x its run)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay on the LoRA weights (DDPO's 1e-4; RLCM used Adam without weight decay: 0)"""
+    max_grad_norm: float = 5.0
+    """gradient clipping threshold (global L2 norm)"""
+    # model
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the ROCM paper's 512; RLCM's code defaulted to 768)"""
+    num_inference_steps: int = 8
+    """K, the number of LCM sampling steps; the K-1 stochastic ones are PPO's actions (K >= 2)"""
+    guidance_scale: float = 8.5
+    """LCM guidance scale, w = guidance_scale - 1; 8.5 as in ROCM, so both start from the same policy (RLCM: 8.0)"""
+    lora_rank: int = 16
+    """LoRA rank on the UNet attention projections (RLCM's compression config; its aesthetic config used 8)"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale alpha / rank)"""
+    channels_last: bool = False
+    """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs)"""
+    compile: bool = False
+    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; same LoRA names)"""
     # general
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
@@ -84,6 +105,16 @@ class Args:
     """torch device to train on"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     """autocast dtype; frozen weights are stored in it, LoRA weights stay fp32"""
+    prompts_file: Optional[str] = None
+    """training prompts, one per line (unset: the repo's prompts/train.txt)"""
+    eval_prompts_file: Optional[str] = None
+    """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
+    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
+    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
+    eval_batch_size: int = 8
+    """images per batch during evaluation"""
+    max_nonfinite_steps: int = 10
+    """stop after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)"""
     track: bool = False
     """log to Weights & Biases"""
     wandb_project: str = "cm-alignment"
@@ -103,83 +134,597 @@ class Args:
     resume: Optional[str] = None
     """continue from a checkpoint directory, or from the latest checkpoint of a run directory"""
 
-    # model
-    model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub id or local directory of a LatentConsistencyModelPipeline"""
-    resolution: int = 512
-    """image side in pixels (the ROCM paper's 512; RLCM's code defaulted to 768)"""
-    num_inference_steps: int = 8
-    """K, the number of LCM sampling steps; the K-1 stochastic ones are PPO's actions (K >= 2)"""
-    guidance_scale: float = 8.5
-    """LCM guidance scale, w = guidance_scale - 1; 8.5 (omega 7.5) as in ROCM so both start from the same policy (RLCM used 8.0)"""
-    lora_rank: int = 16
-    """LoRA rank on the UNet attention projections (RLCM's compression config; its aesthetic config used 8)"""
-    lora_alpha: int = 32
-    """LoRA alpha (scale alpha / rank)"""
-    channels_last: bool = False
-    """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs; same results up to float rounding)"""
-    compile: bool = False
-    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; regional: short compile, same LoRA names)"""
 
-    # algorithm
-    reward: str = "aesthetic"
-    """reward to maximize: NAME or NAME=PATH; any of common.py, with or without gradient (jpeg_compressibility, jpeg_incompressibility, aesthetic, pickscore, ...)"""
-    eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic")
-    """rewards scored on held-out prompts, NAME or NAME=PATH; ones that cannot be loaded are skipped with a warning"""
-    prompts_file: Optional[str] = None
-    """training prompts, one per line (unset: the repo's prompts/train.txt)"""
-    eval_prompts_file: Optional[str] = None
-    """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
-    train_steps: int = 100
-    """number of PPO iterations (each: sample, score, then --ppo-epochs passes of minibatch updates); RLCM ran 1000 (its 100 epochs x 10 iterations)"""
-    batch_size: int = 8
-    """images per sampling batch (RLCM: 8 per GPU for aesthetic, 4 for compressibility)"""
-    sample_batches: int = 4
-    """sampling batches per PPO iteration (RLCM: 1)"""
-    train_batch_size: int = 2
-    """(sample, step) pairs per training minibatch; must divide batch_size x sample_batches x (K-1)"""
-    grad_accum: int = 4
-    """minibatches per optimizer step (a shorter last group ends each epoch when they do not divide); 0: all of an epoch, one optimizer step per epoch (RLCM)"""
-    ppo_epochs: int = 1
-    """passes over the iteration's (sample, step) pairs, reshuffled each time (RLCM: 1)"""
-    lr: float = 1e-4
-    """AdamW learning rate (RLCM: 1e-4)"""
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    """learning rate over the iterations: constant, or iteration i of N at lr x (1 - (1 - lr_end_factor) x i / N) (RLCM: linear)"""
-    lr_end_factor: float = 0.0
-    """--lr-schedule linear: the LR factor at the last iteration (RLCM: 2/3, its LinearLR to 0 over 3x its run)"""
-    weight_decay: float = 1e-4
-    """AdamW weight decay on the LoRA weights (DDPO's 1e-4; RLCM used Adam without weight decay: 0)"""
-    max_grad_norm: float = 5.0
-    """gradient clipping threshold (global L2 norm)"""
-    clip_range: float = 1e-4
-    """PPO clip range eps on the ratio; 1e-4 fits the mean reduction (with sum, log-ratios are num_latent_dims times larger)"""
-    adv_clip: float = 10.0
-    """advantages are clipped to [-adv_clip, adv_clip]"""
-    logprob_reduction: Literal["mean", "sum"] = "mean"
-    """log-prob over latent dimensions: mean (RLCM; resolution-independent ratio) or sum (the true log-density)"""
-    per_prompt_stat_tracking: bool = True
-    """normalize rewards per prompt (buffer + minimum count, global fallback); off: global batch mean/std"""
-    stat_buffer_size: int = 32
-    """rewards kept per prompt for per-prompt normalization"""
-    stat_min_count: int = 16
-    """a prompt's own mean/std is used once it has this many stored rewards; before, the iteration's global ones"""
-    eval_batch_size: int = 8
-    """images per batch during evaluation"""
-    max_nonfinite_steps: int = 10
-    """stop after this many consecutive optimizer steps with a non-finite loss or gradient (each is skipped)"""
-
-
-# flags that define a run: --resume refuses other values than the checkpoint's (each rank normalizes and
-# shuffles its own samples, so the number of ranks counts); every other flag may change on resume and takes effect
+# --resume refuses other values of these than the checkpoint's (ranks count: each shuffles its own samples)
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "batch_size", "world_size", "sample_batches", "train_batch_size", "grad_accum",
              "logprob_reduction", "per_prompt_stat_tracking", "stat_buffer_size", "stat_min_count")
 
 
 # --------------------------------------------------------------------------------------------
-# Loading
+# ALGORITHM: the LCM sampling chain (identical in all four scripts)
 # --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
+    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
+    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w.float()[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(device)
+
+
+@dataclass
+class ChainStep:
+    """One LCM step from timestep t. The coefficients are scalars on the sampling chain and (B, 1, 1, 1), with t
+    of shape (B,), where every sample has its own step. *_next: the noise towards the next timestep t', which
+    makes the step the Gaussian policy N(alpha_next f(x_t), sigma_next^2 I); None on the last, deterministic step."""
+
+    t: torch.Tensor
+    alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
+    sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
+    c_skip: torch.Tensor  # the boundary-condition scalings of f = c_skip x + c_out x0_hat
+    c_out: torch.Tensor
+    alpha_next: Optional[torch.Tensor] = None
+    sigma_next: Optional[torch.Tensor] = None
+
+
+def chain_step(scheduler, t: torch.Tensor, t_next: Optional[torch.Tensor], device) -> ChainStep:
+    """The step from t towards t_next (None: the last step), its coefficients as LCMScheduler.step computes them."""
+    acp, scaled, sigma_data = scheduler.alphas_cumprod, t.cpu() * scheduler.config.timestep_scaling, 0.5
+    values = dict(alpha=acp[t.cpu()].sqrt(), sigma=(1 - acp[t.cpu()]).sqrt(),
+                  c_skip=sigma_data**2 / (scaled**2 + sigma_data**2), c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5)
+    if t_next is not None:
+        values.update(alpha_next=acp[t_next.cpu()].sqrt(), sigma_next=(1 - acp[t_next.cpu()]).sqrt())
+    shape = (-1, 1, 1, 1) if t.ndim else ()
+    return ChainStep(t=t.to(device), **{name: value.reshape(shape).to(device) for name, value in values.items()})
+
+
+def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
+    """The K steps of the sampling chain, at the timesteps LatentConsistencyModelPipeline uses."""
+    scheduler.set_timesteps(num_steps, device="cpu")
+    timesteps = list(scheduler.timesteps)
+    return [chain_step(scheduler, t, t_next, device) for t, t_next in zip(timesteps, timesteps[1:] + [None])]
+
+
+def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
+    x0_hat = (x - step.sigma * eps) / step.alpha
+    return step.c_out * x0_hat + step.c_skip * x
+
+
+def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
+    """f_ref(x_t): the frozen base, which is the same UNet with its LoRA adapters switched off (never a copy).
+
+    The switch sits inside the function, so a gradient-checkpoint recomputation in the backward
+    pass recomputes the reference too, not the policy.
+    """
+    unet.disable_adapters()
+    try:
+        return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
+    finally:
+        unet.enable_adapters()
+
+
+def unet_call(fn, checkpoint: bool, *inputs) -> torch.Tensor:
+    """fn(*inputs), recomputed in the backward pass instead of storing its activations if checkpoint is set."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
+
+
+def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
+    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
+    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
+    return latents, noises
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# ALGORITHM: PPO on the chain's stochastic steps
+# --------------------------------------------------------------------------------------------
+
+def policy_step(scheduler, timesteps: torch.Tensor, steps: torch.Tensor, device) -> ChainStep:
+    """The step of each sample n at its stochastic step index steps[n] (timesteps: the schedule's t values).
+
+    Sampling and training both build their steps here, so a (sample, step) pair sees the same arithmetic and the
+    first ratio is exactly 1; the (B, 1, 1, 1) float32 coefficients keep f float32 under autocast (0-dim ones: bf16).
+    """
+    return chain_step(scheduler, timesteps[steps], timesteps[steps + 1], device)
+
+
+def policy_mean_std(unet, x, step: ChainStep, prompt_embeds, w_embedding):
+    """Mean alpha' f(x_k) and std sigma' of the Gaussian step policy."""
+    return step.alpha_next * consistency_fn(unet, x, step, prompt_embeds, w_embedding), step.sigma_next
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample (float32), averaged ("mean") or summed ("sum") over dimensions."""
+    x, mean, std = x.float(), mean.float(), torch.as_tensor(std, device=x.device).float()
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    dims = tuple(range(1, x.ndim))
+    if reduction == "mean":
+        return log_prob.mean(dim=dims)
+    if reduction == "sum":
+        return log_prob.sum(dim=dims)
+    raise ValueError(f"unknown log-prob reduction '{reduction}'; choose mean or sum")
+
+
+def ppo_clipped_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                     clip_range: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate as a loss: mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)).
+
+    Returns (loss, stats) with stats: ratio (detached), approx_kl = mean of (log r)^2 / 2, and
+    clip_fraction = share of |r - 1| > eps.
+    """
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"ratio": ratio.detach(), "approx_kl": 0.5 * log_ratio.square().mean(),
+                 "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean()}
+    return loss, stats
+
+
+@dataclass
+class Rollout:
+    """Sampled trajectories. Per sample n and stochastic step k (0..K-2): latents[n, k] = x before
+    step k, next_latents[n, k] = the sampled x after it, log_probs[n, k] = its log-prob under the
+    sampling policy."""
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    latents: torch.Tensor  # (N, K-1, C, H, W)
+    next_latents: torch.Tensor  # (N, K-1, C, H, W)
+    log_probs: torch.Tensor  # (N, K-1)
+    final_latents: torch.Tensor  # (N, C, H, W), the deterministic last step's output
+    rewards: Optional[torch.Tensor] = None  # (N,)
+    advantages: Optional[torch.Tensor] = None  # (N,)
+
+    @staticmethod
+    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":
+        def join(name):
+            values = [getattr(r, name) for r in rollouts]
+            return None if any(v is None for v in values) else torch.cat(values)
+        return Rollout(prompts=[p for r in rollouts for p in r.prompts],
+                       **{name: join(name) for name in ("prompt_embeds", "latents", "next_latents", "log_probs",
+                                                         "final_latents", "rewards", "advantages")})
+
+
+@torch.no_grad()
+def sample_with_logprobs(unet, scheduler, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
+                         prompts, reduction: str = "mean") -> Rollout:
+    """Run the K-step chain without gradients, keeping every stochastic step's (x_k, x_{k-1}, log-prob).
+
+    x_{k-1} = alpha' f(x_k) + sigma' z, as LatentConsistencyModelPipeline samples (bit-exact for the same noise);
+    the last step returns f(x_1) with no noise and is not recorded as an action.
+    """
+    x, batch = latents, latents.shape[0]
+    timesteps = torch.stack([step.t for step in schedule])
+    before, after, log_probs = [], [], []
+    for k in range(len(schedule) - 1):
+        step = policy_step(scheduler, timesteps, torch.full((batch,), k, device=timesteps.device), x.device)
+        mean, std = policy_mean_std(unet, x, step, prompt_embeds, w_embedding)
+        next_x = (mean + std * noises[k]).float()
+        before.append(x)
+        after.append(next_x)
+        log_probs.append(gaussian_log_prob(next_x, mean, std, reduction))
+        x = next_x
+    last = chain_step(scheduler, timesteps[-1].repeat(batch), None, x.device)
+    final = consistency_fn(unet, x, last, prompt_embeds, w_embedding).float()
+    empty = latents.new_zeros((batch, 0, *latents.shape[1:]))
+    return Rollout(prompts=list(prompts), prompt_embeds=prompt_embeds,
+                   latents=torch.stack(before, 1) if before else empty,
+                   next_latents=torch.stack(after, 1) if after else empty,
+                   log_probs=torch.stack(log_probs, 1) if log_probs else latents.new_zeros((batch, 0)),
+                   final_latents=final)
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward normalization (DDPO / RLCM), its state a plain JSON-serializable dict.
+
+    Every prompt keeps its last `buffer_size` rewards. A batch's rewards of a prompt are added to
+    its buffer first; if the buffer then holds at least `min_count` rewards they are normalized with
+    the buffer's mean and (population) std, else with the whole batch's mean and std.
+    """
+
+    EPS = 1e-6  # added to the std, as in DDPO
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, deque] = {}
+        self.last_per_prompt_fraction = 0.0  # share of the last batch normalized with its prompt's own stats
+
+    def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+        values = np.asarray(rewards.detach().double().cpu().numpy(), dtype=np.float64)
+        if len(prompts) != len(values):
+            raise ValueError(f"{len(prompts)} prompts for {len(values)} rewards")
+        prompts_array = np.array(prompts, dtype=object)
+        global_mean, global_std = values.mean(), values.std() + self.EPS
+        advantages = np.empty_like(values)
+        per_prompt = 0
+        for prompt in dict.fromkeys(prompts):  # unique, in order of appearance
+            mask = prompts_array == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(values[mask].tolist())
+            if len(buffer) >= self.min_count:
+                stored = np.array(buffer)
+                mean, std = stored.mean(), stored.std() + self.EPS
+                per_prompt += int(mask.sum())
+            else:
+                mean, std = global_mean, global_std
+            advantages[mask] = (values[mask] - mean) / std
+        self.last_per_prompt_fraction = per_prompt / max(len(values), 1)
+        return torch.as_tensor(advantages, dtype=torch.float32, device=rewards.device)
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
+        self.buffers = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()}
+
+
+def compute_advantages(rewards: torch.Tensor, prompts: Sequence[str], tracker: Optional[PerPromptStatTracker],
+                       adv_clip: float) -> torch.Tensor:
+    """Normalized, clipped advantages: per prompt with a tracker, else with the batch's mean and std."""
+    if tracker is not None:
+        advantages = tracker.update(prompts, rewards)
+    else:
+        values = rewards.float()
+        advantages = (values - values.mean()) / (values.std(unbiased=False) + PerPromptStatTracker.EPS)
+    return advantages.clamp(-adv_clip, adv_clip)
+
+
+
+def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int,
+                    generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A shuffled split of all (sample, step) pairs into minibatches of (sample indices, step indices)."""
+    order = torch.randperm(num_samples * num_actions, generator=generator)
+    return [(chunk // num_actions, chunk % num_actions) for chunk in order.split(train_batch_size)]
+
+
+def lr_factor(schedule: str, end_factor: float, iteration: int, iterations: int) -> float:
+    """The LR multiplier of iteration i (1..N): 1, or linear 1 - (1 - end_factor) i / N.
+
+    RLCM steps its LinearLR once before each epoch of 10 iterations, so its epoch e trains at
+    1 - (e + 1) / 300: the same line, equal at every 10th iteration, stepped per iteration here.
+    """
+    if schedule == "constant":
+        return 1.0
+    return 1.0 - (1.0 - end_factor) * iteration / max(iterations, 1)
+
+
+
+class PpoObjective(torch.nn.Module):
+    """The clipped loss of one minibatch of stored (sample, step) pairs as a single forward.
+
+    Wrapped in DistributedDataParallel, so the LoRA gradients of every rank's minibatch are averaged.
+    """
+
+    def __init__(self, unet, scheduler, schedule: list[ChainStep], clip_range: float, reduction: str):
+        super().__init__()
+        self.unet, self.scheduler, self.clip_range, self.reduction = unet, scheduler, clip_range, reduction
+        self.timesteps = torch.stack([step.t for step in schedule])
+
+    def forward(self, rollout: Rollout, samples: torch.Tensor, steps: torch.Tensor, w_embedding: torch.Tensor):
+        """Recompute log p(x_{k-1} | x_k) of the stored pairs under the current policy; returns (loss, stats)."""
+        step = policy_step(self.scheduler, self.timesteps, steps, self.timesteps.device)
+        mean, std = policy_mean_std(self.unet, rollout.latents[samples, steps], step, rollout.prompt_embeds[samples],
+                                    w_embedding[:len(samples)])
+        log_probs = gaussian_log_prob(rollout.next_latents[samples, steps], mean, std, self.reduction)
+        return ppo_clipped_loss(log_probs, rollout.log_probs[samples, steps], rollout.advantages[samples],
+                                self.clip_range)
+
+
+def ppo_update(objective, optimizer, grad_scaler, params: list[torch.nn.Parameter], rollout: Rollout,
+               w_embedding: torch.Tensor, lr: float, epochs: int, train_batch_size: int, grad_accum: int,
+               max_grad_norm: float, seed: int, iteration: int, on_step: Callable[[bool], None],
+               autocast=contextlib.nullcontext(), rank: int = 0, world_size: int = 1) -> dict[str, list]:
+    """One iteration's PPO update: `epochs` passes over the rollout's (sample, step) pairs, shuffled, in minibatches
+    of train_batch_size; an optimizer step at lr every grad_accum minibatches (0: one per epoch), the gradient
+    clipped to max_grad_norm. A step whose loss or gradient is non-finite on any rank is skipped; on_step(finite)
+    follows every step, taken or skipped (it may stop the run). Returns per-minibatch stats, grad_norm per step taken.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    num_samples, num_actions = rollout.log_probs.shape
+    device = rollout.latents.device
+    stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_deviation": [], "grad_norm": []}
+    for epoch in range(epochs):
+        shuffle = torch.Generator().manual_seed(derived_seed(seed, iteration, epoch, rank))
+        minibatches = ppo_minibatches(num_samples, num_actions, train_batch_size, shuffle)
+        group_size = grad_accum or len(minibatches)
+        # every rank has as many minibatches, so DDP's all-reduces (on each group's last backward) line up
+        for group_start in range(0, len(minibatches), group_size):
+            group, nonfinite = minibatches[group_start:group_start + group_size], False
+            try:
+                for position, (samples, steps) in enumerate(group):
+                    sync = contextlib.nullcontext() if position == len(group) - 1 or world_size == 1 \
+                        else objective.no_sync()
+                    with sync:
+                        with autocast:
+                            loss, info = objective(rollout, samples.to(device), steps.to(device), w_embedding)
+                        # a non-finite loss still runs backward, so every rank joins the same all-reduce
+                        nonfinite |= not torch.isfinite(loss).item()
+                        grad_scaler.scale(loss / len(group)).backward()
+                    stats["loss"].append(loss.detach())
+                    stats["approx_kl"].append(info["approx_kl"])
+                    stats["clip_fraction"].append(info["clip_fraction"])
+                    stats["ratio_deviation"].append((info["ratio"] - 1.0).abs().max())
+            except torch.OutOfMemoryError:
+                raise SystemExit(f"error: out of memory at iteration {iteration}; lower --train-batch-size (raise "
+                                 "--grad-accum to keep the pairs per update) or --batch-size, or lower --resolution")
+            grad_scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            finite = not any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
+            if finite:
+                grad_scaler.step(optimizer)
+                stats["grad_norm"].append(grad_norm.detach())
+            grad_scaler.update()  # after a skipped step under fp16 this lowers the loss scale; else it does nothing
+            optimizer.zero_grad(set_to_none=True)
+            on_step(finite)
+    return stats
+
+
+def micro_batch(seed: int, prompts: list[str], iteration: int, batch_index: int, batch_size: int, rank: int,
+                world_size: int, latent_shape: tuple, num_steps: int, device):
+    """This rank's slice of a sampling batch of an iteration: prompts, initial latents, chain noise.
+
+    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
+    samples one process with batch N*b sees.
+    """
+    chosen = random.Random(derived_seed(seed, iteration, batch_index)).choices(prompts, k=batch_size * world_size)
+    mine = range(rank * batch_size, (rank + 1) * batch_size)
+    draws = [draw_chain_noise((1, *latent_shape), num_steps,
+                              torch.Generator(device=device).manual_seed(derived_seed(seed, iteration, batch_index, i)),
+                              device) for i in mine]
+    latents = torch.cat([latent for latent, _ in draws])
+    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+    return [chosen[i] for i in mine], latents, noises
+
+
+def main(args: Args) -> None:
+    started = time.time()
+    validate(args)
+    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
+    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
+    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
+    rank, world_size, device = setup_distributed(args.device)
+    is_main = rank == 0
+    run = run_record(args, world_size)
+    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
+    torch.manual_seed(args.seed)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
+
+    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
+    quiet_loaders()
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
+    if is_main:
+        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    if args.num_inference_steps > scheduler.config.original_inference_steps:
+        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
+                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
+    try:
+        reward_fn = load_reward_spec(args.reward, device, weight_dtype)
+    except (FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"error: {error}")
+    eval_rewards = {}
+    for spec in args.eval_rewards if is_main else ():
+        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
+            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
+        except (FileNotFoundError, ImportError) as error:
+            print(f"warning: skipping evaluation reward: {error}")
+    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    speed_up(unet, vae, args.channels_last, args.compile)
+    # eval mode throughout: PPO's ratio compares the sampling and the training policy, so both
+    # must be the same function (no dropout). The LCM UNet has no batch norm.
+    unet.eval()
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    models = (tokenizer, text_encoder, vae, unet, scheduler)
+    objective = PpoObjective(unet, scheduler, schedule, args.clip_range, args.logprob_reduction)
+    side = args.resolution // vae_scale(vae)
+    latent_shape = (unet.config.in_channels, side, side)
+    time_cond_dim = unet.config.time_cond_proj_dim
+    sample_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.batch_size, device)
+    train_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.train_batch_size, device)
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) if args.per_prompt_stat_tracking else None
+    num_actions = args.num_inference_steps - 1
+    num_samples = args.batch_size * args.sample_batches  # per rank and iteration
+
+    start_iteration = 0
+    if resumed:
+        start_iteration = load_checkpoint(resumed, unet, optimizer, grad_scaler, args)
+        if tracker is not None and resumed["stat_tracker"] is not None:
+            tracker.load_state_dict(resumed["stat_tracker"])
+        run_dir = resumed["path"].parent.parent
+    else:
+        run_dir = new_run_dir(args, is_main, world_size)
+        lock = lock_run_dir(run_dir) if is_main else None
+    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if is_main:
+        record_args(run_dir, args, resumed)
+        print(f"run directory: {run_dir}" + (f" (resumed at step {start_iteration})" if args.resume else ""))
+        accumulation = args.grad_accum or num_samples * num_actions // args.train_batch_size
+        print(f"effective batch: {args.batch_size} x {args.sample_batches} sampling batches x {world_size} ranks = "
+              f"{num_samples * world_size} images per iteration; {args.train_batch_size} (sample, step) pairs x "
+              f"{accumulation} accumulation x {world_size} ranks = "
+              f"{args.train_batch_size * accumulation * world_size} pairs per optimizer step")
+        if args.track:
+            wandb = start_wandb(args, run_dir)
+
+    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
+        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if args.track:
+            wandb.log({**metrics, **(media or {})}, step=step)
+
+    final_scores, scored_step = {}, None
+
+    def run_evaluation(step: int) -> None:
+        nonlocal final_scores, scored_step
+        if is_main:
+            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
+            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
+            for reward in eval_rewards.values():
+                reward.to("cpu")
+            grid = run_dir / "samples" / f"step_{step:06d}.png"
+            save_image_grid(images, grid)
+            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            final_scores, scored_step = metrics, step
+            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
+            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
+                eval_prompts))} if args.track else None)
+        if world_size > 1:
+            dist.barrier()
+
+    if start_iteration == 0:
+        run_evaluation(0)
+    elapsed_offset = elapsed_before(run_dir, start_iteration) if is_main else 0.0
+    loop_started = time.perf_counter()
+    nonfinite_in_a_row = skipped_steps = 0
+    good = None  # the newest training state whose weights gave a finite loss
+
+    def after_step(finite: bool) -> None:
+        """The non-finite guard, after every optimizer step of ppo_update (a non-finite one was skipped)."""
+        nonlocal good, pending, nonfinite_in_a_row, skipped_steps
+        if finite:
+            good, pending, nonfinite_in_a_row = pending or good, None, 0
+            return
+        nonfinite_in_a_row += 1
+        skipped_steps += 1
+        if is_main:
+            print(f"warning: iteration {iteration}: non-finite loss or gradient, update skipped "
+                  f"({nonfinite_in_a_row} in a row)")
+            log({"train/skipped_steps": skipped_steps}, iteration)
+        if nonfinite_in_a_row >= args.max_nonfinite_steps:
+            stop_non_finite(run_dir, unet, good, is_main,
+                            f"{nonfinite_in_a_row} non-finite steps in a row at iteration {iteration}")
+
+    for iteration in range(start_iteration + 1, args.train_steps + 1):
+        start = time.perf_counter()
+        # the weights before this iteration's first update; they become `good` once that update's loss is finite
+        pending = training_state(iteration - 1, unet, optimizer, grad_scaler, run,
+                                 stat_tracker=tracker.state_dict() if tracker else None)
+
+        # ---- sample: log-probs of every stochastic step, rewards, advantages (normalized over all ranks' samples)
+        rollouts = []
+        for batch_index in range(args.sample_batches):
+            prompts, latents, noises = micro_batch(args.seed, train_prompts, iteration, batch_index, args.batch_size,
+                                                   rank, world_size, latent_shape, len(schedule), device)
+            with torch.no_grad(), autocast:
+                embeds = encode_prompts(tokenizer, text_encoder, prompts)
+                rollout = sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, sample_w_embedding,
+                                               prompts, args.logprob_reduction)
+                rollout.rewards = reward_fn(decode(vae, rollout.final_latents), prompts).float()
+            rollouts.append(rollout)
+        rollout = Rollout.cat(rollouts)
+        all_rewards, all_prompts = gather_rewards(rollout.rewards, rollout.prompts, world_size)
+        all_advantages = compute_advantages(all_rewards, all_prompts, tracker, args.adv_clip)
+        rollout.advantages = all_advantages[rank * num_samples:(rank + 1) * num_samples]
+        sampling_time = time.perf_counter() - start
+
+        # ---- loss and update: PPO epochs over shuffled (sample, step) minibatches
+        # the LR is a function of the iteration alone, so --resume continues it
+        lr = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration, args.train_steps)
+        stats = ppo_update(objective, optimizer, grad_scaler, lora_params, rollout, train_w_embedding, lr,
+                           args.ppo_epochs, args.train_batch_size, args.grad_accum, args.max_grad_norm, args.seed,
+                           iteration, after_step, autocast, rank, world_size)
+        iteration_time = time.perf_counter() - start
+
+        # ---- log
+        if iteration % args.log_every == 0:
+            def average(name):
+                return global_mean(torch.stack(stats[name]), world_size) if stats[name] else float("nan")
+
+            samples_per_s = num_samples * world_size / iteration_time
+            metrics = {"train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std(unbiased=False).item(),
+                       "train/advantage_abs": all_advantages.abs().mean().item(),
+                       "train/per_prompt_fraction": tracker.last_per_prompt_fraction if tracker else 0.0,
+                       "train/approx_kl": average("approx_kl"), "train/clip_fraction": average("clip_fraction"),
+                       "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), world_size),
+                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"), "train/lr": lr,
+                       "train/optimizer_steps": len(stats["grad_norm"]), "train/skipped_steps": skipped_steps,
+                       "perf/step_time_s": iteration_time, "perf/sampling_time_s": sampling_time,
+                       "perf/samples_per_s": samples_per_s}
+            if is_main:
+                elapsed_s = elapsed_offset + time.time() - started
+                # every sampled image is scored once
+                metrics.update(cost_metrics(iteration, num_samples * world_size, num_samples * world_size, elapsed_s,
+                                            device))
+                timing = progress_text(elapsed_s, loop_started, iteration - start_iteration,
+                                       args.train_steps - iteration)
+                print(f"iteration {iteration}/{args.train_steps} reward {metrics['train/reward']:.4f} "
+                      f"+- {metrics['train/reward_std']:.4f} approx_kl {metrics['train/approx_kl']:.3g} "
+                      f"clip_fraction {metrics['train/clip_fraction']:.3f} | {samples_per_s:.2f} samples/s | {timing}")
+                log(metrics, iteration)
+        # ---- save / evaluate; not after a non-finite loss: it came from these weights
+        if args.save_every and iteration % args.save_every == 0 and not nonfinite_in_a_row:
+            if is_main:
+                save_checkpoint(run_dir, unet, training_state(iteration, unet, optimizer, grad_scaler, run,
+                                                              stat_tracker=tracker.state_dict() if tracker else None),
+                                args.checkpoint_limit)
+            if world_size > 1:
+                dist.barrier()
+        if args.eval_every and iteration % args.eval_every == 0 and iteration != args.train_steps:
+            run_evaluation(iteration)
+
+    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
+        set_lora(unet, good["lora"])
+        if is_main:
+            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
+                  f"weights of step {good['step']}, the last with a finite loss")
+    if world_size > 1:
+        check_ranks_in_sync(lora_params)
+        if is_main:
+            print(f"LoRA weights identical on all {world_size} ranks")
+    if args.train_steps > start_iteration:
+        run_evaluation(args.train_steps)
+    if is_main:
+        final_dir = save_final(unet, run_dir)
+        write_model_card(final_dir, args, final_scores, scored_step)
+        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
+        if args.track:
+            wandb.finish()
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+# ============================================================================================
+# INFRASTRUCTURE: loading, prompts, ranks, checkpoints, evaluation, logging, validation
+# ============================================================================================
 
 def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
     """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1 does) when the hub cannot be reached.
@@ -315,6 +860,9 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+
+
 def read_text(path: Path, flag: str, fix: str) -> str:
     """The file's UTF-8 text; an unreadable or binary (undecodable, NUL bytes) file is one line naming flag."""
     try:
@@ -348,9 +896,6 @@ def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
     return load_reward(name, path or None, device=device, dtype=dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# The LCM policy
-# --------------------------------------------------------------------------------------------
 
 def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
     """One warning for the prompts longer than the text encoder's token limit (encode_prompts cuts them silently)."""
@@ -362,302 +907,11 @@ def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
               f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
 
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-
-
-def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
-    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
-    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
-    half = dim // 2
-    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    angles = w.float()[:, None] * frequencies[None, :]
-    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2 == 1:
-        embedding = torch.nn.functional.pad(embedding, (0, 1))
-    return embedding.to(device)
-
-
-@dataclass
-class Schedule:
-    """The K-step LCM chain as 1-D tensors indexed by step k = 0..K-1 (*_next: k = 0..K-2).
-
-    alpha, sigma: sqrt(acp[t]) and sqrt(1 - acp[t]) of step k's timestep t; c_skip, c_out: the
-    boundary-condition scalings; alpha_next, sigma_next: those of the next timestep t', the mean
-    scale and std of the Gaussian step policy (the last step has none: it is deterministic).
-    """
-
-    timesteps: torch.Tensor
-    alpha: torch.Tensor
-    sigma: torch.Tensor
-    c_skip: torch.Tensor
-    c_out: torch.Tensor
-    alpha_next: torch.Tensor
-    sigma_next: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-
-def lcm_schedule(scheduler, num_steps: int, device) -> Schedule:
-    """The scheduler's timesteps and scalings, computed elementwise as LCMScheduler.step does."""
-    scheduler.set_timesteps(num_steps, device="cpu")
-    timesteps = scheduler.timesteps.cpu()
-    acp = scheduler.alphas_cumprod.cpu()[timesteps]
-    scaled = timesteps * scheduler.config.timestep_scaling
-    sigma_data = 0.5
-    values = dict(timesteps=timesteps, alpha=acp.sqrt(), sigma=(1 - acp).sqrt(),
-                  c_skip=sigma_data**2 / (scaled**2 + sigma_data**2),
-                  c_out=scaled / (scaled**2 + sigma_data**2) ** 0.5,
-                  alpha_next=acp[1:].sqrt(), sigma_next=(1 - acp[1:]).sqrt())
-    return Schedule(**{name: value.to(device) for name, value in values.items()})
-
-
-def _per_sample(values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    return values[steps].view(-1, 1, 1, 1)
-
-
-def consistency_fn(unet, x: torch.Tensor, steps: torch.Tensor, schedule: Schedule, prompt_embeds,
-                   w_embedding) -> torch.Tensor:
-    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x, for per-sample step indices.
-
-    Sampling and training both call this with a (B,) tensor of step indices, so a (sample, step)
-    pair goes through the same arithmetic whichever batch it sits in.
-    """
-    eps = unet(x, schedule.timesteps[steps], encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
-    x0_hat = (x - _per_sample(schedule.sigma, steps) * eps) / _per_sample(schedule.alpha, steps)
-    return _per_sample(schedule.c_out, steps) * x0_hat + _per_sample(schedule.c_skip, steps) * x
-
-
-def policy_mean_std(unet, x, steps, schedule: Schedule, prompt_embeds, w_embedding):
-    """Mean alpha' f(x_k) and std sigma' (B,1,1,1) of the Gaussian step policy at stochastic steps `steps`."""
-    denoised = consistency_fn(unet, x, steps, schedule, prompt_embeds, w_embedding)
-    return _per_sample(schedule.alpha_next, steps) * denoised, _per_sample(schedule.sigma_next, steps)
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                      reduction: str = "mean") -> torch.Tensor:
-    """log N(x; mean, std^2 I) per sample (float32), averaged ("mean") or summed ("sum") over dimensions."""
-    x, mean, std = x.float(), mean.float(), torch.as_tensor(std, device=x.device).float()
-    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
-    dims = tuple(range(1, x.ndim))
-    if reduction == "mean":
-        return log_prob.mean(dim=dims)
-    if reduction == "sum":
-        return log_prob.sum(dim=dims)
-    raise ValueError(f"unknown log-prob reduction '{reduction}'; choose mean or sum")
-
-
-def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
-    """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
-    return latents, noises
-
-
-@dataclass
-class Rollout:
-    """Sampled trajectories. Per sample n and stochastic step k (0..K-2): latents[n, k] = x before
-    step k, next_latents[n, k] = the sampled x after it, log_probs[n, k] = its log-prob under the
-    sampling policy."""
-
-    prompts: list[str]
-    prompt_embeds: torch.Tensor  # (N, L, D)
-    latents: torch.Tensor  # (N, K-1, C, H, W)
-    next_latents: torch.Tensor  # (N, K-1, C, H, W)
-    log_probs: torch.Tensor  # (N, K-1)
-    final_latents: torch.Tensor  # (N, C, H, W), the deterministic last step's output
-    rewards: Optional[torch.Tensor] = None  # (N,)
-    advantages: Optional[torch.Tensor] = None  # (N,)
-
-    @staticmethod
-    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":
-        def join(name):
-            values = [getattr(r, name) for r in rollouts]
-            return None if any(v is None for v in values) else torch.cat(values)
-        return Rollout(prompts=[p for r in rollouts for p in r.prompts],
-                       **{name: join(name) for name in ("prompt_embeds", "latents", "next_latents", "log_probs",
-                                                         "final_latents", "rewards", "advantages")})
-
-
-@torch.no_grad()
-def sample_with_logprobs(unet, latents, noises, schedule: Schedule, prompt_embeds, w_embedding, prompts,
-                         reduction: str = "mean") -> Rollout:
-    """Run the K-step chain without gradients, keeping every stochastic step's (x_k, x_{k-1}, log-prob).
-
-    x_{k-1} = alpha' f(x_k) + sigma' z (bit-exact with diffusers' pipeline for the same noise); the
-    last step returns f(x_1) with no noise and is not recorded as an action.
-    """
-    x = latents
-    batch = latents.shape[0]
-    before, after, log_probs = [], [], []
-    for k in range(len(schedule) - 1):
-        steps = torch.full((batch,), k, dtype=torch.long, device=x.device)
-        mean, std = policy_mean_std(unet, x, steps, schedule, prompt_embeds, w_embedding)
-        next_x = (mean + std * noises[k]).float()
-        before.append(x)
-        after.append(next_x)
-        log_probs.append(gaussian_log_prob(next_x, mean, std, reduction))
-        x = next_x
-    last = torch.full((batch,), len(schedule) - 1, dtype=torch.long, device=x.device)
-    final = consistency_fn(unet, x, last, schedule, prompt_embeds, w_embedding).float()
-    empty = latents.new_zeros((batch, 0, *latents.shape[1:]))
-    return Rollout(prompts=list(prompts), prompt_embeds=prompt_embeds,
-                   latents=torch.stack(before, 1) if before else empty,
-                   next_latents=torch.stack(after, 1) if after else empty,
-                   log_probs=torch.stack(log_probs, 1) if log_probs else latents.new_zeros((batch, 0)),
-                   final_latents=final)
-
-
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-# --------------------------------------------------------------------------------------------
-# Advantages and the PPO objective
-# --------------------------------------------------------------------------------------------
-
-class PerPromptStatTracker:
-    """Per-prompt reward normalization (DDPO / RLCM), its state a plain JSON-serializable dict.
-
-    Every prompt keeps its last `buffer_size` rewards. A batch's rewards of a prompt are added to
-    its buffer first; if the buffer then holds at least `min_count` rewards they are normalized with
-    the buffer's mean and (population) std, else with the whole batch's mean and std.
-    """
-
-    EPS = 1e-6  # added to the std, as in DDPO
-
-    def __init__(self, buffer_size: int = 32, min_count: int = 16):
-        self.buffer_size, self.min_count = buffer_size, min_count
-        self.buffers: dict[str, deque] = {}
-        self.last_per_prompt_fraction = 0.0  # share of the last batch normalized with its prompt's own stats
-
-    def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
-        values = np.asarray(rewards.detach().double().cpu().numpy(), dtype=np.float64)
-        if len(prompts) != len(values):
-            raise ValueError(f"{len(prompts)} prompts for {len(values)} rewards")
-        prompts_array = np.array(prompts, dtype=object)
-        global_mean, global_std = values.mean(), values.std() + self.EPS
-        advantages = np.empty_like(values)
-        per_prompt = 0
-        for prompt in dict.fromkeys(prompts):  # unique, in order of appearance
-            mask = prompts_array == prompt
-            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
-            buffer.extend(values[mask].tolist())
-            if len(buffer) >= self.min_count:
-                stored = np.array(buffer)
-                mean, std = stored.mean(), stored.std() + self.EPS
-                per_prompt += int(mask.sum())
-            else:
-                mean, std = global_mean, global_std
-            advantages[mask] = (values[mask] - mean) / std
-        self.last_per_prompt_fraction = per_prompt / max(len(values), 1)
-        return torch.as_tensor(advantages, dtype=torch.float32, device=rewards.device)
-
-    def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
-        self.buffers = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()}
-
-
-def compute_advantages(rewards: torch.Tensor, prompts: Sequence[str], tracker: Optional[PerPromptStatTracker],
-                       adv_clip: float) -> torch.Tensor:
-    """Normalized, clipped advantages: per prompt with a tracker, else with the batch's mean and std."""
-    if tracker is not None:
-        advantages = tracker.update(prompts, rewards)
-    else:
-        values = rewards.float()
-        advantages = (values - values.mean()) / (values.std(unbiased=False) + PerPromptStatTracker.EPS)
-    return advantages.clamp(-adv_clip, adv_clip)
-
-
-def ppo_clipped_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                     clip_range: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate as a loss: mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)).
-
-    Returns (loss, stats) with stats: ratio (detached), approx_kl = mean of (log r)^2 / 2, and
-    clip_fraction = share of |r - 1| > eps.
-    """
-    log_ratio = log_probs - old_log_probs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        stats = {"ratio": ratio.detach(), "approx_kl": 0.5 * log_ratio.square().mean(),
-                 "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean()}
-    return loss, stats
-
-
-def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int,
-                    generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A shuffled split of all (sample, step) pairs into minibatches of (sample indices, step indices)."""
-    order = torch.randperm(num_samples * num_actions, generator=generator)
-    return [(chunk // num_actions, chunk % num_actions) for chunk in order.split(train_batch_size)]
-
-
-def lr_factor(schedule: str, end_factor: float, iteration: int, iterations: int) -> float:
-    """The LR multiplier of iteration i (1..N): 1, or linear 1 - (1 - end_factor) i / N.
-
-    RLCM steps its LinearLR once before each epoch of 10 iterations, so its epoch e trains at
-    1 - (e + 1) / 300: the same line, equal at every 10th iteration, stepped per iteration here.
-    """
-    if schedule == "constant":
-        return 1.0
-    return 1.0 - (1.0 - end_factor) * iteration / max(iterations, 1)
-
-
-class PpoObjective(torch.nn.Module):
-    """The clipped loss of one minibatch of stored (sample, step) pairs as a single forward.
-
-    Wrapped in DistributedDataParallel, so the LoRA gradients of every rank's minibatch are averaged.
-    """
-
-    def __init__(self, unet, schedule: Schedule, clip_range: float, reduction: str):
-        super().__init__()
-        self.unet, self.schedule, self.clip_range, self.reduction = unet, schedule, clip_range, reduction
-
-    def forward(self, rollout: Rollout, samples: torch.Tensor, steps: torch.Tensor, w_embedding: torch.Tensor):
-        """Recompute log p(x_{k-1} | x_k) of the stored pairs under the current policy; returns (loss, stats)."""
-        mean, std = policy_mean_std(self.unet, rollout.latents[samples, steps], steps, self.schedule,
-                                    rollout.prompt_embeds[samples], w_embedding[:len(samples)])
-        log_probs = gaussian_log_prob(rollout.next_latents[samples, steps], mean, std, self.reduction)
-        return ppo_clipped_loss(log_probs, rollout.log_probs[samples, steps], rollout.advantages[samples],
-                                self.clip_range)
-
-
-# --------------------------------------------------------------------------------------------
-# Batches, ranks and checkpoints
-# --------------------------------------------------------------------------------------------
-
 def derived_seed(*keys: int) -> int:
     """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def sampling_batch(args: Args, prompts: list[str], iteration: int, batch_index: int, rank: int, world_size: int,
-                latent_shape: tuple, num_steps: int, device):
-    """This rank's slice of a sampling batch of an iteration: prompts, initial latents, chain noise.
-
-    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
-    samples one process with batch N*b sees.
-    """
-    chosen = random.Random(derived_seed(args.seed, iteration, batch_index)).choices(prompts, k=args.batch_size * world_size)
-    mine = range(rank * args.batch_size, (rank + 1) * args.batch_size)
-    draws = [draw_chain_noise((1, *latent_shape), num_steps,
-                              torch.Generator(device=device).manual_seed(derived_seed(args.seed, iteration, batch_index, i)), device)
-             for i in mine]
-    latents = torch.cat([latent for latent, _ in draws])
-    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
-    return [chosen[i] for i in mine], latents, noises
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -998,9 +1252,9 @@ def vae_scale(vae) -> int:
 
 
 @torch.no_grad()
-def evaluate(args: Args, models, schedule: Schedule, prompts: list[str], eval_rewards: dict, device, autocast):
+def evaluate(args: Args, models, schedule: list[ChainStep], prompts: list[str], eval_rewards: dict, device, autocast):
     """Sample the held-out prompts with a fixed seed and score them with every evaluation reward."""
-    tokenizer, text_encoder, vae, unet = models
+    tokenizer, text_encoder, vae, unet, scheduler = models
     generator = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)
     images, scores = [], {name: [] for name in eval_rewards}
     for start in range(0, len(prompts), args.eval_batch_size):
@@ -1011,7 +1265,7 @@ def evaluate(args: Args, models, schedule: Schedule, prompts: list[str], eval_re
         with autocast:
             embeds = encode_prompts(tokenizer, text_encoder, batch)
             w_emb = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
-            rollout = sample_with_logprobs(unet, latents, noises, schedule, embeds, w_emb, batch)
+            rollout = sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, w_emb, batch)
             batch_images = decode(vae, rollout.final_latents)
         images.append(batch_images.cpu())
         for name, reward in eval_rewards.items():
@@ -1090,253 +1344,6 @@ def validate(args: Args) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
-
-
-def main(args: Args) -> None:
-    started = time.time()
-    validate(args)
-    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
-    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
-    eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
-    rank, world_size, device = setup_distributed(args.device)
-    is_main = rank == 0
-    run = run_record(args, world_size)
-    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
-    torch.manual_seed(args.seed)
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
-
-    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
-    quiet_loaders()
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
-    if is_main:
-        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
-    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
-    if args.num_inference_steps > scheduler.config.original_inference_steps:
-        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
-                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
-    try:
-        reward_fn = load_reward_spec(args.reward, device, weight_dtype)
-    except (FileNotFoundError, ImportError) as error:
-        raise SystemExit(f"error: {error}")
-    eval_rewards = {}
-    for spec in args.eval_rewards if is_main else ():
-        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
-            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
-        except (FileNotFoundError, ImportError) as error:
-            print(f"warning: skipping evaluation reward: {error}")
-    lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
-    speed_up(unet, vae, args.channels_last, args.compile)
-    # eval mode throughout: PPO's ratio compares the sampling and the training policy, so both
-    # must be the same function (no dropout). The LCM UNet has no batch norm.
-    unet.eval()
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
-    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
-    models = (tokenizer, text_encoder, vae, unet)
-    objective = PpoObjective(unet, schedule, args.clip_range, args.logprob_reduction)
-    side = args.resolution // vae_scale(vae)
-    latent_shape = (unet.config.in_channels, side, side)
-    time_cond_dim = unet.config.time_cond_proj_dim
-    sample_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.batch_size, device)
-    train_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.train_batch_size, device)
-    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) if args.per_prompt_stat_tracking else None
-    num_actions = args.num_inference_steps - 1
-    num_samples = args.batch_size * args.sample_batches  # per rank and iteration
-
-    start_iteration = 0
-    if resumed:
-        start_iteration = load_checkpoint(resumed, unet, optimizer, grad_scaler, args)
-        if tracker is not None and resumed["stat_tracker"] is not None:
-            tracker.load_state_dict(resumed["stat_tracker"])
-        run_dir = resumed["path"].parent.parent
-    else:
-        run_dir = new_run_dir(args, is_main, world_size)
-        lock = lock_run_dir(run_dir) if is_main else None
-    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if is_main:
-        record_args(run_dir, args, resumed)
-        print(f"run directory: {run_dir}" + (f" (resumed at step {start_iteration})" if args.resume else ""))
-        accumulation = args.grad_accum or num_samples * num_actions // args.train_batch_size
-        print(f"effective batch: {args.batch_size} x {args.sample_batches} sampling batches x {world_size} ranks = "
-              f"{num_samples * world_size} images per iteration; {args.train_batch_size} (sample, step) pairs x "
-              f"{accumulation} accumulation x {world_size} ranks = "
-              f"{args.train_batch_size * accumulation * world_size} pairs per optimizer step")
-        if args.track:
-            wandb = start_wandb(args, run_dir)
-
-    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
-        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if args.track:
-            wandb.log({**metrics, **(media or {})}, step=step)
-
-    final_scores, scored_step = {}, None
-
-    def run_evaluation(step: int) -> None:
-        nonlocal final_scores, scored_step
-        if is_main:
-            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
-            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
-            for reward in eval_rewards.values():
-                reward.to("cpu")
-            grid = run_dir / "samples" / f"step_{step:06d}.png"
-            save_image_grid(images, grid)
-            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
-            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            final_scores, scored_step = metrics, step
-            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
-            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
-                eval_prompts))} if args.track else None)
-        if world_size > 1:
-            dist.barrier()
-
-    if start_iteration == 0:
-        run_evaluation(0)
-    elapsed_offset = elapsed_before(run_dir, start_iteration) if is_main else 0.0
-    loop_started = time.perf_counter()
-    nonfinite_in_a_row = skipped_steps = 0
-    good = None  # the newest training state whose weights gave a finite loss
-    for iteration in range(start_iteration + 1, args.train_steps + 1):
-        start = time.perf_counter()
-        # the weights before this iteration's first update; they become `good` once that update's loss is finite
-        pending = training_state(iteration - 1, unet, optimizer, grad_scaler, run,
-                                 stat_tracker=tracker.state_dict() if tracker else None)
-
-        # 1-3. sample with log-probs, score, advantages (normalized over all ranks' samples)
-        rollouts = []
-        for batch_index in range(args.sample_batches):
-            prompts, latents, noises = sampling_batch(args, train_prompts, iteration, batch_index, rank, world_size,
-                                                      latent_shape, len(schedule), device)
-            with torch.no_grad(), autocast:
-                embeds = encode_prompts(tokenizer, text_encoder, prompts)
-                rollout = sample_with_logprobs(unet, latents, noises, schedule, embeds, sample_w_embedding, prompts,
-                                               args.logprob_reduction)
-                rollout.rewards = reward_fn(decode(vae, rollout.final_latents), prompts).float()
-            rollouts.append(rollout)
-        rollout = Rollout.cat(rollouts)
-        all_rewards, all_prompts = gather_rewards(rollout.rewards, rollout.prompts, world_size)
-        all_advantages = compute_advantages(all_rewards, all_prompts, tracker, args.adv_clip)
-        rollout.advantages = all_advantages[rank * num_samples:(rank + 1) * num_samples]
-        sampling_time = time.perf_counter() - start
-
-        # 4. PPO epochs over shuffled (sample, step) minibatches; every rank has as many, so DDP's
-        # all-reduces line up
-        stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "grad_norm": [], "ratio_deviation": []}
-        optimizer_steps = 0
-        lr = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration, args.train_steps)
-        for param_group in optimizer.param_groups:  # a function of the iteration alone, so --resume continues it
-            param_group["lr"] = lr
-        for epoch in range(args.ppo_epochs):
-            shuffle = torch.Generator().manual_seed(derived_seed(args.seed, iteration, epoch, rank))
-            minibatches = ppo_minibatches(num_samples, num_actions, args.train_batch_size, shuffle)
-            group_size = args.grad_accum or len(minibatches)
-            for group_start in range(0, len(minibatches), group_size):
-                group = minibatches[group_start:group_start + group_size]
-                nonfinite = False
-                try:
-                    for position, (samples, steps) in enumerate(group):
-                        sync = contextlib.nullcontext() if position == len(group) - 1 or world_size == 1 \
-                            else objective.no_sync()
-                        with sync:
-                            with autocast:
-                                loss, info = objective(rollout, samples.to(device), steps.to(device),
-                                                       train_w_embedding)
-                            # a non-finite loss still runs backward, so every rank joins the same all-reduce
-                            nonfinite |= not torch.isfinite(loss).item()
-                            grad_scaler.scale(loss / len(group)).backward()
-                        stats["loss"].append(loss.detach())
-                        stats["approx_kl"].append(info["approx_kl"])
-                        stats["clip_fraction"].append(info["clip_fraction"])
-                        stats["ratio_deviation"].append((info["ratio"] - 1.0).abs().max())
-                except torch.OutOfMemoryError:
-                    raise SystemExit(f"error: out of memory at iteration {iteration}; lower --train-batch-size (raise "
-                                     "--grad-accum to keep the pairs per update) or --batch-size, or lower --resolution")
-                grad_scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-                nonfinite = any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
-                if nonfinite:
-                    nonfinite_in_a_row += 1
-                    skipped_steps += 1
-                    grad_scaler.update()  # under fp16 this lowers the loss scale; otherwise it does nothing
-                    if is_main:
-                        print(f"warning: iteration {iteration}: non-finite loss or gradient, update skipped "
-                              f"({nonfinite_in_a_row} in a row)")
-                        log({"train/skipped_steps": skipped_steps}, iteration)
-                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                        stop_non_finite(run_dir, unet, good, is_main,
-                                        f"{nonfinite_in_a_row} non-finite steps in a row at iteration {iteration}")
-                else:
-                    good, pending = pending or good, None
-                    grad_scaler.step(optimizer)
-                    grad_scaler.update()
-                    nonfinite_in_a_row = 0
-                    optimizer_steps += 1
-                    stats["grad_norm"].append(grad_norm.detach())
-                optimizer.zero_grad(set_to_none=True)
-        iteration_time = time.perf_counter() - start
-
-        if iteration % args.log_every == 0:
-            def average(name):
-                return global_mean(torch.stack(stats[name]), world_size) if stats[name] else float("nan")
-
-            samples_per_s = num_samples * world_size / iteration_time
-            metrics = {"train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std(unbiased=False).item(),
-                       "train/advantage_abs": all_advantages.abs().mean().item(),
-                       "train/per_prompt_fraction": tracker.last_per_prompt_fraction if tracker else 0.0,
-                       "train/approx_kl": average("approx_kl"), "train/clip_fraction": average("clip_fraction"),
-                       "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), world_size),
-                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"), "train/lr": lr,
-                       "train/optimizer_steps": optimizer_steps, "train/skipped_steps": skipped_steps,
-                       "perf/step_time_s": iteration_time, "perf/sampling_time_s": sampling_time,
-                       "perf/samples_per_s": samples_per_s}
-            if is_main:
-                elapsed_s = elapsed_offset + time.time() - started
-                # every sampled image is scored once
-                metrics.update(cost_metrics(iteration, num_samples * world_size, num_samples * world_size, elapsed_s,
-                                            device))
-                timing = progress_text(elapsed_s, loop_started, iteration - start_iteration,
-                                       args.train_steps - iteration)
-                print(f"iteration {iteration}/{args.train_steps} reward {metrics['train/reward']:.4f} "
-                      f"+- {metrics['train/reward_std']:.4f} approx_kl {metrics['train/approx_kl']:.3g} "
-                      f"clip_fraction {metrics['train/clip_fraction']:.3f} | {samples_per_s:.2f} samples/s | {timing}")
-                log(metrics, iteration)
-        # not after a non-finite loss: it came from these weights
-        if args.save_every and iteration % args.save_every == 0 and not nonfinite_in_a_row:
-            if is_main:
-                save_checkpoint(run_dir, unet, training_state(iteration, unet, optimizer, grad_scaler, run,
-                                                              stat_tracker=tracker.state_dict() if tracker else None),
-                                args.checkpoint_limit)
-            if world_size > 1:
-                dist.barrier()
-        if args.eval_every and iteration % args.eval_every == 0 and iteration != args.train_steps:
-            run_evaluation(iteration)
-
-    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
-        set_lora(unet, good["lora"])
-        if is_main:
-            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
-                  f"weights of step {good['step']}, the last with a finite loss")
-    if world_size > 1:
-        check_ranks_in_sync(lora_params)
-        if is_main:
-            print(f"LoRA weights identical on all {world_size} ranks")
-    if args.train_steps > start_iteration:
-        run_evaluation(args.train_steps)
-    if is_main:
-        final_dir = save_final(unet, run_dir)
-        write_model_card(final_dir, args, final_scores, scored_step)
-        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
-        if args.track:
-            wandb.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ class PpoBench(Bench):
         super().__init__(script, args, models, batch_size)
         m, a = self.module, self.run_args
         self.unet.eval()  # as the script: sampling and training policy are the same function
-        self.objective = m.PpoObjective(self.unet, self.schedule, a.clip_range, a.logprob_reduction)
+        self.objective = m.PpoObjective(self.unet, self.scheduler, self.schedule, a.clip_range, a.logprob_reduction)
         dim = self.unet.config.time_cond_proj_dim
         self.sample_w = m.guidance_embedding(a.guidance_scale, dim, a.batch_size, self.device)
         self.train_w = m.guidance_embedding(a.guidance_scale, dim, a.train_batch_size, self.device)
@@ -202,12 +202,12 @@ class PpoBench(Bench):
         m, a = self.module, self.run_args
         rollouts = []
         for batch_index in range(a.sample_batches):
-            prompts, latents, noises = m.sampling_batch(a, PROMPTS, index, batch_index, 0, 1, self.latent_shape,
-                                                        len(self.schedule), self.device)
+            prompts, latents, noises = m.micro_batch(a.seed, PROMPTS, index, batch_index, a.batch_size, 0, 1,
+                                                     self.latent_shape, len(self.schedule), self.device)
             with torch.no_grad(), self.autocast:
                 embeds = m.encode_prompts(self.tokenizer, self.text_encoder, prompts)
-                rollout = m.sample_with_logprobs(self.unet, latents, noises, self.schedule, embeds, self.sample_w,
-                                                 prompts, a.logprob_reduction)
+                rollout = m.sample_with_logprobs(self.unet, self.scheduler, latents, noises, self.schedule, embeds,
+                                                 self.sample_w, prompts, a.logprob_reduction)
                 rollout.rewards = self.reward_fn(m.decode(self.vae, rollout.final_latents), prompts).float()
             rollouts.append(rollout)
         rollout = m.Rollout.cat(rollouts)

@@ -30,18 +30,20 @@ def rollout_of(lcm, reduction="mean", num_steps=4, batch=2, seed=3):
     latents, noises = rlcm_ppo.draw_chain_noise((batch, 4, 16, 16), num_steps, torch.Generator().manual_seed(seed), "cpu")
     embeds = rlcm_ppo.encode_prompts(tokenizer, text_encoder, PROMPTS[:batch])
     w = rlcm_ppo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, batch, "cpu")
-    rollout = rlcm_ppo.sample_with_logprobs(unet, latents, noises, schedule, embeds, w, PROMPTS[:batch], reduction)
+    rollout = rlcm_ppo.sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, w, PROMPTS[:batch],
+                                            reduction)
     return rollout, schedule, w
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_stored_log_prob_is_the_normal_log_density(lcm, reduction):
     rollout, schedule, w = rollout_of(lcm, reduction)
-    unet = lcm[3]
+    unet, scheduler = lcm[3], lcm[4]
+    timesteps = torch.stack([step.t for step in schedule])
     for k in range(len(schedule) - 1):
-        steps = torch.full((2,), k)
+        step = rlcm_ppo.policy_step(scheduler, timesteps, torch.full((2,), k), "cpu")
         with torch.no_grad():
-            mean, std = rlcm_ppo.policy_mean_std(unet, rollout.latents[:, k], steps, schedule, rollout.prompt_embeds, w)
+            mean, std = rlcm_ppo.policy_mean_std(unet, rollout.latents[:, k], step, rollout.prompt_embeds, w)
         density = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(rollout.next_latents[:, k]).flatten(1)
         expected = density.mean(1) if reduction == "mean" else density.sum(1)
         assert torch.allclose(rollout.log_probs[:, k], expected, rtol=1e-5, atol=1e-5)
@@ -51,7 +53,7 @@ def test_stored_log_prob_is_the_normal_log_density(lcm, reduction):
 def test_importance_ratio_is_exactly_one_on_the_first_minibatch(lcm):
     rollout, schedule, _ = rollout_of(lcm)
     rollout.advantages = torch.tensor([1.0, -1.0])
-    objective = rlcm_ppo.PpoObjective(lcm[3], schedule, clip_range=1e-4, reduction="mean")
+    objective = rlcm_ppo.PpoObjective(lcm[3], lcm[4], schedule, clip_range=1e-4, reduction="mean")
     shuffle = torch.Generator().manual_seed(0)
     samples, steps = rlcm_ppo.ppo_minibatches(2, len(schedule) - 1, 3, shuffle)[0]
     w = rlcm_ppo.guidance_embedding(8.5, lcm[3].config.time_cond_proj_dim, 3, "cpu")
@@ -61,6 +63,33 @@ def test_importance_ratio_is_exactly_one_on_the_first_minibatch(lcm):
     loss.backward()  # at ratio 1 nothing is clipped: the policy gradient flows
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lcm[3].parameters() if p.requires_grad)
     lcm[3].zero_grad(set_to_none=True)
+
+
+def test_ppo_update_skips_non_finite_steps_and_steps_once_per_epoch_with_grad_accum_0(lcm):
+    rollout, schedule, w = rollout_of(lcm)  # 2 samples x 3 stochastic steps: 3 minibatches of 2 pairs
+    unet = lcm[3]
+    params = [p for p in unet.parameters() if p.requires_grad]
+    objective = rlcm_ppo.PpoObjective(unet, lcm[4], schedule, clip_range=1e-4, reduction="mean")
+    optimizer = torch.optim.AdamW(params, lr=1.0)
+    before = [p.detach().clone() for p in params]
+
+    def update(advantages, grad_accum):
+        rollout.advantages, steps = torch.tensor(advantages), []
+        stats = rlcm_ppo.ppo_update(objective, optimizer, torch.amp.GradScaler("cpu", enabled=False), params, rollout,
+                                    w, 1e-3, epochs=2, train_batch_size=2, grad_accum=grad_accum, max_grad_norm=1.0,
+                                    seed=0, iteration=1, on_step=steps.append)
+        return stats, steps
+
+    stats, steps = update([float("nan"), float("nan")], 2)
+    assert steps == [False] * 4  # groups of 2 and 1 minibatches, 2 epochs: every step skipped, and reported
+    assert len(stats["loss"]) == 6 and stats["grad_norm"] == []
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and all(p.grad is None for p in params)
+    stats, steps = update([1.0, -1.0], 0)
+    assert steps == [True, True] and len(stats["grad_norm"]) == 2 and optimizer.param_groups[0]["lr"] == 1e-3
+    assert any(not torch.equal(p, b) for p, b in zip(params, before))
+    with torch.no_grad():  # the module's policy is shared with the other tests
+        for p, b in zip(params, before):
+            p.copy_(b)
 
 
 @pytest.mark.parametrize("advantage,log_ratio,clipped", [
