@@ -570,6 +570,9 @@ def main(args: Args) -> None:
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     run = Run(args)  # rank and device; a --resume checkpoint is checked and its directory locked before models load
     device = run.device
+    if run.resumed and args.con_target == "ema" and args.con_weight > 0 and run.resumed["ema"] is None:
+        raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with the same "
+                         "flags")
 
     # ---- models: the LCM with a LoRA (the policy; the reference is the same UNet with the LoRA off), the rewards
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
@@ -594,9 +597,6 @@ def main(args: Args) -> None:
     start_step, objective = run.begin(unet, optimizer, objective, f"{args.batch_size} x {args.grad_accum} accumulation "
                                       f"x {run.world_size} ranks = {pairs_per_step} pairs ({source})")
     if run.resumed:  # cm_dpo's own state: the last-step multiplier and the EMA of the LoRA
-        if ema is not None and run.resumed["ema"] is None:
-            raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with the "
-                             "same flags")
         multiplier = run.resumed["multiplier"]
         for average, value in zip(ema or [], run.resumed["ema"] or []):
             average.copy_(value)
