@@ -139,9 +139,7 @@ RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_s
              "seed", "batch_size", "world_size", "sample_batches", "train_batch_size", "grad_accum",
              "logprob_reduction", "per_prompt_stat_tracking", "stat_buffer_size", "stat_min_count")
 # what an out-of-memory error tells the user to change
-OOM_FIX = ("lower --train-batch-size (raise --grad-accum to keep the pairs per update) or --batch-size, or lower "
-           "--resolution")
-
+OOM_FIX = "lower --train-batch-size (raise --grad-accum to keep the pairs per update), --batch-size or --resolution"
 
 # --------------------------------------------------------------------------------------------
 # ALGORITHM: the LCM sampling chain (identical in all four scripts)
