@@ -35,9 +35,12 @@ from typing import Callable, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import tyro
 
 from common import REWARDS, load_reward, missing_local_directory
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 
 @dataclass
@@ -92,10 +95,6 @@ class Args:
     """LoRA rank on the UNet attention projections (RLCM's compression config; its aesthetic config used 8)"""
     lora_alpha: int = 32
     """LoRA alpha (scale alpha / rank)"""
-    channels_last: bool = False
-    """store the UNet and VAE in channels_last memory format (faster convolutions on recent NVIDIA GPUs)"""
-    compile: bool = False
-    """torch.compile the UNet's down, mid and up blocks and the VAE decoder in place (CUDA only; same LoRA names)"""
     # general
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
@@ -139,7 +138,8 @@ class Args:
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "batch_size", "world_size", "sample_batches", "train_batch_size", "grad_accum",
              "logprob_reduction", "per_prompt_stat_tracking", "stat_buffer_size", "stat_min_count")
-
+# what an out-of-memory error tells the user to change
+OOM_FIX = "lower --train-batch-size (raise --grad-accum to keep the pairs per update), --batch-size or --resolution"
 
 # --------------------------------------------------------------------------------------------
 # ALGORITHM: the LCM sampling chain (identical in all four scripts)
@@ -397,6 +397,24 @@ def compute_advantages(rewards: torch.Tensor, prompts: Sequence[str], tracker: O
     return advantages.clamp(-adv_clip, adv_clip)
 
 
+def gather_rewards(rewards: torch.Tensor, prompts: list[str], world_size: int) -> tuple[torch.Tensor, list[str]]:
+    """Every rank's rewards and prompts, rank-major, so every rank's stat tracker sees the same global batch."""
+    if world_size == 1:
+        return rewards, list(prompts)
+    parts = [torch.empty_like(rewards) for _ in range(world_size)]
+    dist.all_gather(parts, rewards.contiguous())
+    prompt_parts = [None] * world_size
+    dist.all_gather_object(prompt_parts, list(prompts))
+    return torch.cat(parts), [prompt for part in prompt_parts for prompt in part]
+
+
+def global_max(values: torch.Tensor, world_size: int) -> float:
+    """Largest of every rank's values."""
+    top = values.float().max()
+    if world_size > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return top.item()
+
 
 def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int,
                     generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -414,7 +432,6 @@ def lr_factor(schedule: str, end_factor: float, iteration: int, iterations: int)
     if schedule == "constant":
         return 1.0
     return 1.0 - (1.0 - end_factor) * iteration / max(iterations, 1)
-
 
 
 class PpoObjective(torch.nn.Module):
@@ -438,19 +455,21 @@ class PpoObjective(torch.nn.Module):
                                 self.clip_range)
 
 
-def ppo_update(objective, optimizer, grad_scaler, params: list[torch.nn.Parameter], rollout: Rollout,
-               w_embedding: torch.Tensor, lr: float, epochs: int, train_batch_size: int, grad_accum: int,
-               max_grad_norm: float, seed: int, iteration: int, on_step: Callable[[bool], None],
-               autocast=contextlib.nullcontext(), rank: int = 0, world_size: int = 1) -> dict[str, list]:
+def ppo_update(objective, rollout: Rollout, w_embedding: torch.Tensor, epochs: int, train_batch_size: int,
+               grad_accum: int, seed: int, iteration: int, optimizer_step: Callable[[bool], Optional[float]],
+               backward_pass=lambda last: contextlib.nullcontext(), scale=lambda loss: loss,
+               autocast=contextlib.nullcontext(), rank: int = 0) -> dict[str, list]:
     """One iteration's PPO update: `epochs` passes over the rollout's (sample, step) pairs, shuffled, in minibatches
-    of train_batch_size; an optimizer step at lr every grad_accum minibatches (0: one per epoch), the gradient
-    clipped to max_grad_norm. A step whose loss or gradient is non-finite on any rank is skipped; on_step(finite)
-    follows every step, taken or skipped (it may stop the run). Returns per-minibatch stats, grad_norm per step taken.
+    of train_batch_size, with an optimizer step every grad_accum minibatches (0: one per epoch).
+
+    optimizer_step(finite) follows each group's backward passes; finite: whether all of the group's losses were.
+    It applies the accumulated gradients, or skips them when they are not finite, zeroes them, and returns the
+    gradient norm, None if it skipped: Run.update in main (loss scale, clipping, the ranks' agreement, the
+    non-finite streak), clip_and_step on one process. backward_pass(last) surrounds each minibatch's forward and
+    backward (DDP: no_sync but on the group's last); scale(loss) is what backward runs on (a GradScaler's scale).
+    Returns per-minibatch stats, and grad_norm per step taken.
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     num_samples, num_actions = rollout.log_probs.shape
-    device = rollout.latents.device
     stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_deviation": [], "grad_norm": []}
     for epoch in range(epochs):
         shuffle = torch.Generator().manual_seed(derived_seed(seed, iteration, epoch, rank))
@@ -458,34 +477,35 @@ def ppo_update(objective, optimizer, grad_scaler, params: list[torch.nn.Paramete
         group_size = grad_accum or len(minibatches)
         # every rank has as many minibatches, so DDP's all-reduces (on each group's last backward) line up
         for group_start in range(0, len(minibatches), group_size):
-            group, nonfinite = minibatches[group_start:group_start + group_size], False
-            try:
-                for position, (samples, steps) in enumerate(group):
-                    sync = contextlib.nullcontext() if position == len(group) - 1 or world_size == 1 \
-                        else objective.no_sync()
-                    with sync:
-                        with autocast:
-                            loss, info = objective(rollout, samples.to(device), steps.to(device), w_embedding)
-                        # a non-finite loss still runs backward, so every rank joins the same all-reduce
-                        nonfinite |= not torch.isfinite(loss).item()
-                        grad_scaler.scale(loss / len(group)).backward()
-                    stats["loss"].append(loss.detach())
-                    stats["approx_kl"].append(info["approx_kl"])
-                    stats["clip_fraction"].append(info["clip_fraction"])
-                    stats["ratio_deviation"].append((info["ratio"] - 1.0).abs().max())
-            except torch.OutOfMemoryError:
-                raise SystemExit(f"error: out of memory at iteration {iteration}; lower --train-batch-size (raise "
-                                 "--grad-accum to keep the pairs per update) or --batch-size, or lower --resolution")
-            grad_scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            finite = not any_rank(nonfinite or not torch.isfinite(grad_norm), device, world_size)
-            if finite:
-                grad_scaler.step(optimizer)
-                stats["grad_norm"].append(grad_norm.detach())
-            grad_scaler.update()  # after a skipped step under fp16 this lowers the loss scale; else it does nothing
-            optimizer.zero_grad(set_to_none=True)
-            on_step(finite)
+            group, finite = minibatches[group_start:group_start + group_size], True
+            for position, (samples, steps) in enumerate(group):
+                with backward_pass(position == len(group) - 1):
+                    with autocast:
+                        loss, info = objective(rollout, samples.to(rollout.latents.device),
+                                               steps.to(rollout.latents.device), w_embedding)
+                    finite &= torch.isfinite(loss).item()  # a non-finite loss still runs backward: ranks stay in step
+                    scale(loss / len(group)).backward()
+                stats["loss"].append(loss.detach())
+                stats["approx_kl"].append(info["approx_kl"])
+                stats["clip_fraction"].append(info["clip_fraction"])
+                stats["ratio_deviation"].append((info["ratio"] - 1.0).abs().max())
+            grad_norm = optimizer_step(finite)
+            if grad_norm is not None:
+                stats["grad_norm"].append(grad_norm)
     return stats
+
+
+def clip_and_step(optimizer, params: list[torch.nn.Parameter], max_grad_norm: float):
+    """ppo_update's optimizer_step for one process without a loss scale: clip, step unless a loss or the gradient
+    is not finite, zero the gradients; returns the gradient norm, None if it skipped."""
+    def step(finite: bool) -> Optional[float]:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        finite = finite and torch.isfinite(grad_norm).item()
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item() if finite else None
+    return step
 
 
 def micro_batch(seed: int, prompts: list[str], iteration: int, batch_index: int, batch_size: int, rank: int,
@@ -505,243 +525,285 @@ def micro_batch(seed: int, prompts: list[str], iteration: int, batch_index: int,
     return [chosen[i] for i in mine], latents, noises
 
 
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+
 def main(args: Args) -> None:
-    started = time.time()
     validate(args)
     offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
     train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
-    rank, world_size, device = setup_distributed(args.device)
-    is_main = rank == 0
-    run = run_record(args, world_size)
-    resumed, lock = prepare_run(args, run, is_main)  # the lock is held while this process runs
-    torch.manual_seed(args.seed)
-    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
+    run = Run(args, unit="iteration")  # rank and device; a --resume checkpoint is checked before models load
+    device = run.device
 
-    # what the run cannot do without first: the LCM, then the training reward, then the evaluation rewards
-    quiet_loaders()
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, weight_dtype)
-    if is_main:
-        warn_truncated_prompts(tokenizer, train_prompts + eval_prompts)
-    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
-    if args.num_inference_steps > scheduler.config.original_inference_steps:
-        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
-                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
-    try:
-        reward_fn = load_reward_spec(args.reward, device, weight_dtype)
-    except (FileNotFoundError, ImportError) as error:
-        raise SystemExit(f"error: {error}")
-    eval_rewards = {}
-    for spec in args.eval_rewards if is_main else ():
-        try:  # kept on the CPU between evaluations so they cost no GPU memory during training
-            eval_rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), weight_dtype)
-        except (FileNotFoundError, ImportError) as error:
-            print(f"warning: skipping evaluation reward: {error}")
+    # ---- models: the LCM with a LoRA (the policy), the reward (any: PPO needs no gradient of it)
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
+    latent_shape = check_model(args, tokenizer, vae, unet, scheduler, train_prompts + eval_prompts, run.is_main)
+    reward_fn = load_reward_spec(args.reward, device, run.dtype)
+    eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
-    speed_up(unet, vae, args.channels_last, args.compile)
-    # eval mode throughout: PPO's ratio compares the sampling and the training policy, so both
-    # must be the same function (no dropout). The LCM UNet has no batch norm.
+    # eval mode throughout: PPO's ratio compares the sampling and the training policy, so both must be the same
+    # function (no dropout). The LCM UNet has no batch norm.
     unet.eval()
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
-    models = (tokenizer, text_encoder, vae, unet, scheduler)
     objective = PpoObjective(unet, scheduler, schedule, args.clip_range, args.logprob_reduction)
-    side = args.resolution // vae_scale(vae)
-    latent_shape = (unet.config.in_channels, side, side)
-    time_cond_dim = unet.config.time_cond_proj_dim
-    sample_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.batch_size, device)
-    train_w_embedding = guidance_embedding(args.guidance_scale, time_cond_dim, args.train_batch_size, device)
-    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) if args.per_prompt_stat_tracking else None
-    num_actions = args.num_inference_steps - 1
+    sample_w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
+    train_w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.train_batch_size, device)
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) if args.per_prompt_stat_tracking \
+        else None
     num_samples = args.batch_size * args.sample_batches  # per rank and iteration
+    images = num_samples * run.world_size  # per iteration, each scored once
+    accumulation = args.grad_accum or num_samples * (args.num_inference_steps - 1) // args.train_batch_size
+    pairs = args.train_batch_size * accumulation * run.world_size
+    start, objective = run.begin(unet, optimizer, objective, f"{args.train_batch_size} (sample, step) pairs x "
+                                 f"{accumulation} accumulation x {run.world_size} ranks = {pairs} pairs per optimizer "
+                                 f"step; {args.batch_size} x {args.sample_batches} sampling batches x {run.world_size} "
+                                 f"ranks = {images} images")
+    if tracker and (run.resumed or {}).get("stat_tracker"):
+        tracker.load_state_dict(run.resumed["stat_tracker"])
 
-    start_iteration = 0
-    if resumed:
-        start_iteration = load_checkpoint(resumed, unet, optimizer, grad_scaler, args)
-        if tracker is not None and resumed["stat_tracker"] is not None:
-            tracker.load_state_dict(resumed["stat_tracker"])
-        run_dir = resumed["path"].parent.parent
-    else:
-        run_dir = new_run_dir(args, is_main, world_size)
-        lock = lock_run_dir(run_dir) if is_main else None
-    if world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    if is_main:
-        record_args(run_dir, args, resumed)
-        print(f"run directory: {run_dir}" + (f" (resumed at step {start_iteration})" if args.resume else ""))
-        accumulation = args.grad_accum or num_samples * num_actions // args.train_batch_size
-        print(f"effective batch: {args.batch_size} x {args.sample_batches} sampling batches x {world_size} ranks = "
-              f"{num_samples * world_size} images per iteration; {args.train_batch_size} (sample, step) pairs x "
-              f"{accumulation} accumulation x {world_size} ranks = "
-              f"{args.train_batch_size * accumulation * world_size} pairs per optimizer step")
-        if args.track:
-            wandb = start_wandb(args, run_dir)
+    def sample(latents, noises, embeds, w_embedding):  # the policy's K-step chain without gradients, for evaluation
+        return sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, w_embedding, ()).final_latents
 
-    def log(metrics: dict, step: int, media: Optional[dict] = None) -> None:
-        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if args.track:
-            wandb.log({**metrics, **(media or {})}, step=step)
+    def evaluate_now(step: int) -> None:
+        run.evaluate(step, sample, (tokenizer, text_encoder, vae, unet), eval_prompts, eval_rewards, latent_shape,
+                     len(schedule))
 
-    final_scores, scored_step = {}, None
-
-    def run_evaluation(step: int) -> None:
-        nonlocal final_scores, scored_step
-        if is_main:
-            print(f"evaluating {len(eval_prompts)} prompts...", flush=True)
-            images, scores = evaluate(args, models, schedule, eval_prompts, eval_rewards, device, autocast)
-            for reward in eval_rewards.values():
-                reward.to("cpu")
-            grid = run_dir / "samples" / f"step_{step:06d}.png"
-            save_image_grid(images, grid)
-            metrics = {f"eval/{name}": values.mean().item() for name, values in scores.items()}
-            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-            final_scores, scored_step = metrics, step
-            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
-            log(metrics, step, {"eval/samples": wandb.Image(str(grid), caption=f"step {step}: " + " | ".join(
-                eval_prompts))} if args.track else None)
-        if world_size > 1:
-            dist.barrier()
-
-    if start_iteration == 0:
-        run_evaluation(0)
-    elapsed_offset = elapsed_before(run_dir, start_iteration) if is_main else 0.0
-    loop_started = time.perf_counter()
-    nonfinite_in_a_row = skipped_steps = 0
-    good = None  # the newest training state whose weights gave a finite loss
-
-    def after_step(finite: bool) -> None:
-        """The non-finite guard, after every optimizer step of ppo_update (a non-finite one was skipped)."""
-        nonlocal good, pending, nonfinite_in_a_row, skipped_steps
-        if finite:
-            good, pending, nonfinite_in_a_row = pending or good, None, 0
-            return
-        nonfinite_in_a_row += 1
-        skipped_steps += 1
-        if is_main:
-            print(f"warning: iteration {iteration}: non-finite loss or gradient, update skipped "
-                  f"({nonfinite_in_a_row} in a row)")
-            log({"train/skipped_steps": skipped_steps}, iteration)
-        if nonfinite_in_a_row >= args.max_nonfinite_steps:
-            stop_non_finite(run_dir, unet, good, is_main,
-                            f"{nonfinite_in_a_row} non-finite steps in a row at iteration {iteration}")
-
-    for iteration in range(start_iteration + 1, args.train_steps + 1):
-        start = time.perf_counter()
-        # the weights before this iteration's first update; they become `good` once that update's loss is finite
-        pending = training_state(iteration - 1, unet, optimizer, grad_scaler, run,
-                                 stat_tracker=tracker.state_dict() if tracker else None)
-
-        # ---- sample: log-probs of every stochastic step, rewards, advantages (normalized over all ranks' samples)
+    if start == 0:
+        evaluate_now(0)
+    for iteration in range(start + 1, args.train_steps + 1):
+        started = time.perf_counter()
+        # the weights before this iteration's first update, kept while they are the last with a finite loss
+        run.snapshot(iteration - 1, stat_tracker=tracker and tracker.state_dict())
+        # ---- sample: every stochastic step's log-prob, the rewards, advantages normalized over all ranks' samples
         rollouts = []
         for batch_index in range(args.sample_batches):
             prompts, latents, noises = micro_batch(args.seed, train_prompts, iteration, batch_index, args.batch_size,
-                                                   rank, world_size, latent_shape, len(schedule), device)
-            with torch.no_grad(), autocast:
+                                                   run.rank, run.world_size, latent_shape, len(schedule), device)
+            with torch.no_grad(), run.autocast:
                 embeds = encode_prompts(tokenizer, text_encoder, prompts)
-                rollout = sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, sample_w_embedding,
-                                               prompts, args.logprob_reduction)
-                rollout.rewards = reward_fn(decode(vae, rollout.final_latents), prompts).float()
-            rollouts.append(rollout)
+                rollouts.append(sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, sample_w,
+                                                     prompts, args.logprob_reduction))
+                rollouts[-1].rewards = reward_fn(decode(vae, rollouts[-1].final_latents), prompts).float()
         rollout = Rollout.cat(rollouts)
-        all_rewards, all_prompts = gather_rewards(rollout.rewards, rollout.prompts, world_size)
+        all_rewards, all_prompts = gather_rewards(rollout.rewards, rollout.prompts, run.world_size)
         all_advantages = compute_advantages(all_rewards, all_prompts, tracker, args.adv_clip)
-        rollout.advantages = all_advantages[rank * num_samples:(rank + 1) * num_samples]
-        sampling_time = time.perf_counter() - start
-
-        # ---- loss and update: PPO epochs over shuffled (sample, step) minibatches
-        # the LR is a function of the iteration alone, so --resume continues it
-        lr = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration, args.train_steps)
-        stats = ppo_update(objective, optimizer, grad_scaler, lora_params, rollout, train_w_embedding, lr,
-                           args.ppo_epochs, args.train_batch_size, args.grad_accum, args.max_grad_norm, args.seed,
-                           iteration, after_step, autocast, rank, world_size)
-        iteration_time = time.perf_counter() - start
-
+        rollout.advantages = all_advantages[run.rank * num_samples:(run.rank + 1) * num_samples]
+        sampling_time = time.perf_counter() - started
+        # ---- loss and update: PPO epochs over shuffled (sample, step) minibatches; the LR is a function of the
+        # iteration alone, so --resume continues it; a step is skipped on every rank if a loss or gradient is not finite
+        optimizer.param_groups[0]["lr"] = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration,
+                                                              args.train_steps)
+        stats = ppo_update(objective, rollout, train_w, args.ppo_epochs, args.train_batch_size, args.grad_accum,
+                           args.seed, iteration, rank=run.rank, autocast=run.autocast, scale=run.grad_scaler.scale,
+                           optimizer_step=lambda finite: run.update(iteration, finite, lora_params, args.max_grad_norm),
+                           backward_pass=lambda last: run.backward_pass(objective, iteration, last))
+        step_time = time.perf_counter() - started
         # ---- log
         if iteration % args.log_every == 0:
-            def average(name):
-                return global_mean(torch.stack(stats[name]), world_size) if stats[name] else float("nan")
+            def average(name):  # over every rank's minibatches (grad_norm: over the steps taken; nan if none)
+                return global_mean(torch.tensor([float(v) for v in stats[name]], device=device), run.world_size)
 
-            samples_per_s = num_samples * world_size / iteration_time
-            metrics = {"train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std(unbiased=False).item(),
+            metrics = {"train/reward": all_rewards.mean().item(),
+                       "train/reward_std": all_rewards.std(unbiased=False).item(),
                        "train/advantage_abs": all_advantages.abs().mean().item(),
                        "train/per_prompt_fraction": tracker.last_per_prompt_fraction if tracker else 0.0,
                        "train/approx_kl": average("approx_kl"), "train/clip_fraction": average("clip_fraction"),
-                       "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), world_size),
-                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"), "train/lr": lr,
-                       "train/optimizer_steps": len(stats["grad_norm"]), "train/skipped_steps": skipped_steps,
-                       "perf/step_time_s": iteration_time, "perf/sampling_time_s": sampling_time,
-                       "perf/samples_per_s": samples_per_s}
-            if is_main:
-                elapsed_s = elapsed_offset + time.time() - started
-                # every sampled image is scored once
-                metrics.update(cost_metrics(iteration, num_samples * world_size, num_samples * world_size, elapsed_s,
-                                            device))
-                timing = progress_text(elapsed_s, loop_started, iteration - start_iteration,
-                                       args.train_steps - iteration)
-                print(f"iteration {iteration}/{args.train_steps} reward {metrics['train/reward']:.4f} "
-                      f"+- {metrics['train/reward_std']:.4f} approx_kl {metrics['train/approx_kl']:.3g} "
-                      f"clip_fraction {metrics['train/clip_fraction']:.3f} | {samples_per_s:.2f} samples/s | {timing}")
-                log(metrics, iteration)
-        # ---- save / evaluate; not after a non-finite loss: it came from these weights
-        if args.save_every and iteration % args.save_every == 0 and not nonfinite_in_a_row:
-            if is_main:
-                save_checkpoint(run_dir, unet, training_state(iteration, unet, optimizer, grad_scaler, run,
-                                                              stat_tracker=tracker.state_dict() if tracker else None),
-                                args.checkpoint_limit)
-            if world_size > 1:
-                dist.barrier()
+                       "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), run.world_size),
+                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"),
+                       "train/lr": optimizer.param_groups[0]["lr"], "train/optimizer_steps": len(stats["grad_norm"]),
+                       "train/skipped_steps": run.skipped, "perf/sampling_time_s": sampling_time}
+            run.log_step(iteration, metrics, "reward {train/reward:.4f} +- {train/reward_std:.4f} approx_kl "
+                         "{train/approx_kl:.3g} clip_fraction {train/clip_fraction:.3f}".format_map(metrics),
+                         step_time, images, images)
+        # ---- save and evaluate
+        run.save(iteration, stat_tracker=tracker and tracker.state_dict())
         if args.eval_every and iteration % args.eval_every == 0 and iteration != args.train_steps:
-            run_evaluation(iteration)
-
-    if nonfinite_in_a_row and good:  # the run ended inside a non-finite streak: keep the last finite weights
-        set_lora(unet, good["lora"])
-        if is_main:
-            print(f"warning: the run ended with {nonfinite_in_a_row} non-finite steps in a row; final/ holds the "
-                  f"weights of step {good['step']}, the last with a finite loss")
-    if world_size > 1:
-        check_ranks_in_sync(lora_params)
-        if is_main:
-            print(f"LoRA weights identical on all {world_size} ranks")
-    if args.train_steps > start_iteration:
-        run_evaluation(args.train_steps)
-    if is_main:
-        final_dir = save_final(unet, run_dir)
-        write_model_card(final_dir, args, final_scores, scored_step)
-        print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
-        if args.track:
-            wandb.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
+            evaluate_now(iteration)
+    run.finish(lora_params, lambda: evaluate_now(args.train_steps))
 
 
-# ============================================================================================
-# INFRASTRUCTURE: loading, prompts, ranks, checkpoints, evaluation, logging, validation
-# ============================================================================================
+# --------------------------------------------------------------------------------------------
+# INFRASTRUCTURE: loading, runs and checkpoints, ranks, evaluation and logging (identical in all four scripts)
+# --------------------------------------------------------------------------------------------
+
+class Run:
+    """This process's share of a run: rank and device, mixed precision, the run directory (locked while it trains),
+    the non-finite guard, logging, evaluation and saving. Built before any model loads."""
+
+    def __init__(self, args, unit: str = "step"):
+        self.args, self.unit, self.started = args, unit, time.time()
+        self.rank, self.world_size, self.device = setup_distributed(args.device)
+        self.is_main = self.rank == 0
+        self.record = {"script": Path(__file__).name,
+                       "args": {**asdict(args), "world_size": self.world_size,
+                                "global_batch": args.batch_size * self.world_size}}
+        self.resumed, self.lock = prepare_run(args, self.record, self.is_main)
+        self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
+        self.in_a_row = self.skipped = 0
+        self.good = self.pending = None  # training states: the newest whose weights gave a finite loss; this step's
+        self.scores, self.scored_step, self.wandb = {}, None, None
+        torch.manual_seed(args.seed)
+
+    def begin(self, unet, optimizer, objective, batch_text: str):
+        """Restore the --resume checkpoint (the script restores its own state from self.resumed) or make a new run
+        directory; returns (the step it starts after, the objective wrapped for DDP)."""
+        self.unet, self.optimizer, start = unet, optimizer, 0
+        if self.resumed:
+            start = load_checkpoint(self.resumed, unet, optimizer, self.grad_scaler, self.args)
+            self.run_dir = self.resumed["path"].parent.parent
+        else:
+            self.run_dir = new_run_dir(self.args, self.is_main, self.world_size)
+            self.lock = lock_run_dir(self.run_dir) if self.is_main else None
+        self.start_step, self.elapsed_before = start, (self.resumed or {}).get("elapsed_s", 0.0)
+        if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+            objective = torch.nn.parallel.DistributedDataParallel(
+                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        if self.is_main:
+            record_args(self.run_dir, self.args, self.resumed)
+            print(f"run directory: {self.run_dir}" + (f" (resumed at {self.unit} {start})" if self.resumed else ""))
+            print(f"effective batch: {batch_text} per {self.unit}")
+            self.wandb = start_wandb(self.args, self.run_dir) if self.args.track else None
+        self.loop_started = time.perf_counter()
+        return start, objective
+
+    def state(self, step: int, **extra) -> dict:
+        return training_state(step, self.unet, self.optimizer, self.grad_scaler,
+                              {**self.record, "elapsed_s": self.elapsed()}, **extra)
+
+    def snapshot(self, step: int, **extra) -> None:
+        """Keep the state at the start of an update: it becomes the good one once the update's loss is finite."""
+        self.pending = self.state(step, **extra)
+
+    @contextlib.contextmanager
+    def backward_pass(self, objective, step: int, last: bool = True):
+        """Around a micro-batch's forward and backward: ranks all-reduce gradients only in the last micro-batch's
+        backward; running out of memory is one line naming the flags that help."""
+        try:
+            with contextlib.nullcontext() if last or self.world_size == 1 else objective.no_sync():
+                yield
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"error: out of memory at {self.unit} {step}; {OOM_FIX}")
+
+    def update(self, step: int, finite: bool, params, max_grad_norm: float) -> Optional[float]:
+        """Clip and apply the gradients, or skip the update on every rank together if a loss or gradient was not
+        finite on any (a non-finite loss still ran backward, so every rank joined the same all-reduce). Stops the
+        run after --max-nonfinite-steps skips in a row. Returns the gradient norm, None if skipped."""
+        self.grad_scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        finite = not any_rank(not finite or not torch.isfinite(grad_norm).item(), self.device, self.world_size)
+        if finite:
+            self.good, self.pending, self.in_a_row = self.pending or self.good, None, 0
+            self.grad_scaler.step(self.optimizer)
+        else:
+            self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+            if self.is_main:
+                print(f"warning: {self.unit} {step}: non-finite loss or gradient, update skipped "
+                      f"({self.in_a_row} in a row)")
+                self.log({"train/skipped_steps": self.skipped}, step)
+        self.grad_scaler.update()  # after a skip under fp16 this lowers the loss scale
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.in_a_row >= self.args.max_nonfinite_steps:
+            stop_non_finite(self.run_dir, self.unet, self.good, self.is_main,
+                            f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}")
+        return grad_norm.item() if finite else None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def log(self, metrics: dict, step: int, media: Optional[dict] = None) -> None:
+        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb:
+            self.wandb.log({**metrics, **(media or {})}, step=step)
+
+    def log_step(self, step: int, metrics: dict, text: str, step_time: float, images: int, queries: int) -> None:
+        """Print a step's line with its throughput, elapsed time and ETA; log it with the run's cost so far (the x
+        axes of reward-versus-compute curves, over all ranks: images trained on, reward queries, seconds)."""
+        if not self.is_main:
+            return
+        elapsed, per_step = self.elapsed(), (time.perf_counter() - self.loop_started) / max(step - self.start_step, 1)
+        clock = [f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
+                 for s in (elapsed + 0.5, per_step * (self.args.train_steps - step) + 0.5)]
+        print(f"{self.unit} {step}/{self.args.train_steps} {text} | {images / step_time:.2f} samples/s | "
+              f"elapsed {clock[0]} eta {clock[1]}")
+        metrics.update({"perf/step_time_s": step_time, "perf/samples_per_s": images / step_time,
+                        "perf/train_images": step * images, "perf/reward_queries": step * queries,
+                        "perf/elapsed_s": elapsed})
+        if self.device.type == "cuda":
+            metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log(metrics, step)
+
+    def evaluate(self, step: int, sample, models, prompts: list[str], rewards: dict, latent_shape: tuple,
+                 num_steps: int) -> None:
+        """Sample the held-out prompts (sample: the script's chain, without gradients), score them with every
+        evaluation reward, save the grid; log the means."""
+        if self.is_main:
+            models[3].eval()
+            print(f"evaluating {len(prompts)} prompts...", flush=True)
+            images, scores = evaluate(sample, models, prompts, rewards, latent_shape, num_steps, self.args.seed,
+                                      self.args.guidance_scale, self.args.eval_batch_size, self.device, self.autocast)
+            grid = self.run_dir / "samples" / f"step_{step:06d}.png"
+            save_image_grid(images, grid)
+            self.scores, self.scored_step = {f"eval/{name}": value.mean().item() for name, value in scores.items()}, step
+            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
+            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
+            self.log(self.scores, step, self.wandb and {"eval/samples": self.wandb.Image(
+                str(grid), caption=f"{self.unit} {step}: " + " | ".join(prompts))})
+        if self.world_size > 1:
+            dist.barrier()
+
+    def save(self, step: int, **extra) -> None:
+        """The periodic checkpoint, if one is due; never after a non-finite loss, which came from these weights."""
+        if self.args.save_every and step % self.args.save_every == 0 and not self.in_a_row:
+            if self.is_main:
+                save_checkpoint(self.run_dir, self.unet, self.state(step, **extra), self.args.checkpoint_limit)
+            if self.world_size > 1:
+                dist.barrier()
+
+    def finish(self, params, final_evaluation) -> None:
+        """After the last step: the last finite weights if the run ended in a non-finite streak, the ranks' weights
+        compared, the final evaluation, the LoRA saved with a model card."""
+        if self.in_a_row and self.good:
+            set_lora(self.unet, self.good["lora"])
+            if self.is_main:
+                print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
+                      f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
+        if self.world_size > 1:
+            check_ranks_in_sync(params)
+            if self.is_main:
+                print(f"LoRA weights identical on all {self.world_size} ranks")
+        if self.args.train_steps > self.start_step:
+            final_evaluation()
+        if self.is_main:
+            final_dir = save_final(self.unet, self.run_dir)
+            write_model_card(final_dir, self.args, self.scores, self.scored_step)
+            print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
+            if self.wandb:
+                self.wandb.finish()
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
 
 def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
     """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1 does) when the hub cannot be reached.
 
-    Unreachable, every file download is retried with backoff, minutes per model; one TCP connection
-    tells the same in seconds. Skipped when HF_HUB_OFFLINE is set, when every source (NAME=PATH or a
-    path) is a local path, and behind a proxy (a direct connection says nothing about the proxied one).
-    Must run before transformers or diffusers are imported: they read HF_HUB_OFFLINE at import.
+    Unreachable, every file download is retried with backoff, minutes per model; one TCP connection tells the same
+    in seconds. Skipped when HF_HUB_OFFLINE is set, when every source (NAME=PATH or a path) is local, and behind a
+    proxy. Must run before transformers or diffusers are imported: they read HF_HUB_OFFLINE at import.
     """
     import socket
     from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return
-    if all(Path(source.partition("=")[2] or source).exists() for source in sources):
-        return
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
+            all(Path(source.partition("=")[2] or source).exists() for source in sources) or \
+            any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
@@ -753,20 +815,15 @@ def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def quiet_loaders() -> None:
-    """No per-file progress bars from diffusers' and transformers' from_pretrained: they bury the run's own lines."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
     """Load tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # per-file progress bars would bury the run's own lines
+    transformers_logging.disable_progress_bar()
     try:
         # the UNet's config first (one small file): an unsupported family is refused before any weights load
         unet_config = UNet2DConditionModel.load_config(model, subfolder="unet")
@@ -780,16 +837,35 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
         scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     except Exception as error:  # hub and file errors come in many types; all mean the same here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({reason}); pass --model a local "
-                         "pipeline directory, or a hub id that is reachable or already in the cache (offline "
+        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({first_line(error)}); pass --model "
+                         "a local pipeline directory, or a hub id that is reachable or already in the cache (offline "
                          "machines: set HF_HUB_OFFLINE=1 and pass local directories)")
     if unet.config.time_cond_proj_dim is None:
         raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
     for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.to(device)
+        module.requires_grad_(False).to(device)
     return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
+
+
+def check_model(args, tokenizer, vae, unet, scheduler, prompts: list[str], is_main: bool) -> tuple:
+    """Checks that need the loaded LCM (sizes, step count, prompt lengths); returns the latent shape (C, H, W)."""
+    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    if args.num_inference_steps > scheduler.config.original_inference_steps:
+        raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
+                         f"steps this LCM was distilled on (got {args.num_inference_steps})")
+    unique = list(dict.fromkeys(prompts))  # encode_prompts cuts long prompts silently: say it once
+    cut = [p for p, ids in zip(unique, tokenizer(unique, truncation=False, verbose=False).input_ids)
+           if len(ids) > tokenizer.model_max_length]
+    if cut and is_main:
+        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
+              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
+    return unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae)
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
@@ -804,63 +880,12 @@ def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
     return lora_params
 
 
-def speed_up(unet, vae, channels_last: bool, compile: bool, backend: str = "inductor") -> None:
-    """Optional speed levers, applied in place after the LoRA is attached.
-
-    channels_last stores the convolution weights NHWC (the convolutions then run NHWC). compile
-    compiles the repeated blocks, not the whole model: each UNet down/mid/up block and the VAE
-    decoder gets module.compile(), which keeps the module tree and the parameter names, so the
-    LoRA state dict has no `_orig_mod` in its keys and gradient checkpointing wraps the compiled
-    blocks unchanged. (backend: for tests only; the flag always uses inductor.)
-    """
-    if channels_last:
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
-    if compile:
-        # adapters on/off, grad on/off, train/eval and batch sizes each add a variant of a block
-        config = torch._dynamo.config  # the limit was called cache_size_limit before torch 2.6
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit, max(getattr(config, limit), 64))
-        for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks, vae.decoder]:
-            if block is not None:
-                block.compile(backend=backend)
-
-
-def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
-    """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it).
-
-    Written to a temporary directory and renamed, so an interrupted save never leaves a
-    half-written directory in place of a good one. training_state, if given, is saved beside it.
-    """
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # importing the pipeline notes a missing torchvision: noise here
-    try:
-        from diffusers import LatentConsistencyModelPipeline
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    from peft.utils import get_peft_model_state_dict
-
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
-        shutil.rmtree(leftover, ignore_errors=True)
-    # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader
-    # assumes alpha = rank and applies the LoRA at rank / alpha of its trained strength
-    LatentConsistencyModelPipeline.save_lora_weights(save_directory=tmp, unet_lora_layers=state,
-                                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-                                                     safe_serialization=True)
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+def set_lora(unet, lora: dict) -> None:
+    """Copy saved LoRA weights (name -> tensor) into the unet."""
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in lora.items():
+            params[name].copy_(value)
 
 
 def read_text(path: Path, flag: str, fix: str) -> str:
@@ -881,11 +906,10 @@ def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
-    text = read_text(path, flag, "pass a text file, one prompt per line")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
+    prompts = [line.strip() for line in read_text(path, flag, "pass a text file, one prompt per line").splitlines()]
+    if not any(prompts):
         raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
-    return prompts
+    return [prompt for prompt in prompts if prompt]
 
 
 def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
@@ -893,25 +917,27 @@ def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
     name, _, path = spec.partition("=")
     if name not in REWARDS:
         raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
-    return load_reward(name, path or None, device=device, dtype=dtype)
+    try:
+        return load_reward(name, path or None, device=device, dtype=dtype)
+    except (FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"error: {error}")
 
 
-
-def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
-    """One warning for the prompts longer than the text encoder's token limit (encode_prompts cuts them silently)."""
-    unique = list(dict.fromkeys(prompts))
-    lengths = [len(ids) for ids in tokenizer(unique, truncation=False, verbose=False).input_ids]
-    cut = [prompt for prompt, length in zip(unique, lengths) if length > tokenizer.model_max_length]
-    if cut:
-        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
-              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
+def load_eval_rewards(specs, dtype: torch.dtype) -> dict:
+    """The evaluation rewards that load (the others are skipped with a warning), kept on the CPU between
+    evaluations so that they cost no GPU memory during training."""
+    rewards = {}
+    for spec in specs:
+        try:
+            rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), dtype)
+        except SystemExit as error:
+            print(f"warning: skipping evaluation reward: {str(error).removeprefix('error: ')}")
+    return rewards
 
 
 def derived_seed(*keys: int) -> int:
     """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -937,31 +963,12 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def global_max(values: torch.Tensor, world_size: int) -> float:
-    """Largest of every rank's values."""
-    top = values.float().max()
-    if world_size > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    return top.item()
-
-
 def any_rank(flag: bool, device, world_size: int) -> bool:
     if world_size == 1:
         return flag
     value = torch.tensor(float(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-def gather_rewards(rewards: torch.Tensor, prompts: list[str], world_size: int) -> tuple[torch.Tensor, list[str]]:
-    """Every rank's rewards and prompts, rank-major, so every rank's stat tracker sees the same global batch."""
-    if world_size == 1:
-        return rewards, list(prompts)
-    parts = [torch.empty_like(rewards) for _ in range(world_size)]
-    dist.all_gather(parts, rewards.contiguous())
-    prompt_parts = [None] * world_size
-    dist.all_gather_object(prompt_parts, list(prompts))
-    return torch.cat(parts), [prompt for part in prompt_parts for prompt in part]
 
 
 def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
@@ -974,12 +981,6 @@ def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
         raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
 
 
-def run_record(args, world_size: int) -> dict:
-    """The script and flags of this run, as every checkpoint stores them (with the world size and global batch)."""
-    return {"script": Path(__file__).name,
-            "args": {**asdict(args), "world_size": world_size, "global_batch": args.batch_size * world_size}}
-
-
 def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
     """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, the run's script and flags, and
     the script's own state (extra)."""
@@ -988,10 +989,49 @@ def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) 
                           "grad_scaler": grad_scaler.state_dict(), **run, **extra})
 
 
+def load_checkpoint(state: dict, unet, optimizer, grad_scaler, args) -> int:
+    """Restores weights, optimizer and loss scale in place, with this run's --lr and --weight-decay; returns step."""
+    set_lora(unet, state["lora"])
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
+        group.update(lr=args.lr, weight_decay=args.weight_decay)
+    if state["grad_scaler"] and grad_scaler.is_enabled():  # a loss scale exists only under fp16, on both sides
+        grad_scaler.load_state_dict(state["grad_scaler"])
+    return state["step"]
+
+
+def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
+    """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it), with the
+    training state if given. Written to a temporary directory and renamed: an interrupted save never leaves a
+    half-written directory in place of a good one."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # importing the pipeline notes a missing torchvision: noise here
+    from diffusers import LatentConsistencyModelPipeline
+    transformers_logging.set_verbosity(verbosity)
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
+        shutil.rmtree(leftover, ignore_errors=True)
+    # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader assumes
+    # alpha = rank and applies the LoRA at rank / alpha of its trained strength
+    LatentConsistencyModelPipeline.save_lora_weights(
+        save_directory=tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
+    if training_state is not None:
+        torch.save(training_state, tmp / "training_state.pt")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> bool:
-    """checkpoints/step_N: the unet's LoRA (diffusers format) and the training state; keeps the newest `limit`
-    (None: prunes nothing) and drops what interrupted saves left. A failed save (disk full) warns and keeps the
-    earlier checkpoints; returns whether it saved."""
+    """checkpoints/step_N: the unet's LoRA and the training state; keeps the newest `limit` (None: prunes nothing)
+    and drops what interrupted saves left. A failed save (disk full) warns and keeps the earlier checkpoints;
+    returns whether it saved."""
     checkpoints = run_dir / "checkpoints"
     try:
         save_lora(unet, checkpoints / f"step_{state['step']:06d}", training_state=state)
@@ -1003,6 +1043,25 @@ def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> b
     for path in [*stale, *checkpoints.glob("step_*.old"), *checkpoints.glob("step_*.tmp")]:
         shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+def save_final(unet, run_dir: Path) -> Path:
+    """Save the final LoRA to run_dir/final or, if that fails (disk full), to a new directory in the system's
+    temporary directory, then in /dev/shm, so that the trained weights outlive the error."""
+    failures = []
+    for parent in (None, tempfile.gettempdir(), "/dev/shm"):
+        try:
+            target = (Path(tempfile.mkdtemp(prefix=f"{run_dir.name}_", dir=parent)) if parent else run_dir) / "final"
+            save_lora(unet, target)
+        except Exception as error:  # disk full comes as OSError or as the writer's own error type
+            failures.append(f"{parent or run_dir}: {first_line(error)}")
+            continue
+        if failures:
+            raise SystemExit(f"error: could not save the final LoRA ({failures[0]}); the trained "
+                             f"weights are in {target}: move them to {run_dir / 'final'} once there is room")
+        return target
+    raise SystemExit(f"error: could not save the final LoRA anywhere ({'; '.join(failures)}); the trained weights "
+                     "are lost: free disk space and train with --save-every")
 
 
 def stop_non_finite(run_dir: Path, unet, good: Optional[dict], is_main: bool, what: str,
@@ -1021,11 +1080,9 @@ def stop_non_finite(run_dir: Path, unet, good: Optional[dict], is_main: bool, wh
 
 def find_checkpoint(path: Path) -> tuple[Path, dict]:
     """A checkpoint directory itself, or the newest readable one inside a run directory; with its training state."""
-    if (path / "training_state.pt").is_file():
-        candidates = [path]
-    else:
-        candidates = sorted((c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]")
-                             if (c / "training_state.pt").is_file()), reverse=True)
+    candidates = [path] if (path / "training_state.pt").is_file() else sorted(
+        (c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]") if (c / "training_state.pt").is_file()),
+        reverse=True)
     if not candidates:
         raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
                          "or one of its checkpoints/step_N directories")
@@ -1113,53 +1170,34 @@ def record_args(run_dir: Path, args, resumed: Optional[dict]) -> None:
                                                 for flag, (old, new) in resumed["changed"].items()))
 
 
-def set_lora(unet, lora: dict) -> None:
-    """Copy saved LoRA weights (name -> tensor) into the unet."""
-    params = dict(unet.named_parameters())
-    with torch.no_grad():
-        for name, value in lora.items():
-            params[name].copy_(value)
-
-
-def load_checkpoint(state: dict, unet, optimizer, grad_scaler, args) -> int:
-    """Restores weights, optimizer and loss scale in place, with this run's --lr and --weight-decay; returns step."""
-    set_lora(unet, state["lora"])
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
-        group.update(lr=args.lr, weight_decay=args.weight_decay)
-    if state["grad_scaler"] and grad_scaler.is_enabled():  # a loss scale exists only under fp16, on both sides
-        grad_scaler.load_state_dict(state["grad_scaler"])
-    return state["step"]
-
-
-def save_final(unet, run_dir: Path) -> Path:
-    """Save the final LoRA to run_dir/final or, if that fails (disk full), to a new directory in the system's
-    temporary directory, then in /dev/shm, so that the trained weights outlive the error."""
-    failures = []
-    for parent in (None, tempfile.gettempdir(), "/dev/shm"):
-        try:
-            target = (Path(tempfile.mkdtemp(prefix=f"{run_dir.name}_", dir=parent)) if parent else run_dir) / "final"
-            save_lora(unet, target)
-        except Exception as error:  # disk full comes as OSError or as the writer's own error type
-            failures.append(f"{parent or run_dir}: {first_line(error)}")
-            continue
-        if failures:
-            raise SystemExit(f"error: could not save the final LoRA ({failures[0]}); the trained "
-                             f"weights are in {target}: move them to {run_dir / 'final'} once there is room")
-        return target
-    raise SystemExit(f"error: could not save the final LoRA anywhere ({'; '.join(failures)}); the trained weights "
-                     "are lost: free disk space and train with --save-every")
-
-
 def first_line(error: BaseException) -> str:
     """An exception's first message line (or its type's name), for one-line messages."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-# --------------------------------------------------------------------------------------------
-# Evaluation and logging
-# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(sample, models, prompts: list[str], rewards: dict, latent_shape: tuple, num_steps: int, seed: int,
+             guidance_scale: float, batch_size: int, device, autocast):
+    """Sample the prompts with a fixed seed (sample(latents, noises, embeds, w_embedding) -> final latents) and
+    score the images with every reward; returns (images, {reward: scores})."""
+    tokenizer, text_encoder, vae, unet = models
+    generator = torch.Generator(device=device).manual_seed(seed + 1_000_003)
+    images, scores = [], {name: [] for name in rewards}
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        latents, noises = draw_chain_noise((len(batch), *latent_shape), num_steps, generator, device)
+        with autocast:
+            w_embedding = guidance_embedding(guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
+            images.append(decode(vae, sample(latents, noises, encode_prompts(tokenizer, text_encoder, batch),
+                                             w_embedding)))
+            for name, reward in rewards.items():
+                scores[name].append(reward.to(device)(images[-1], batch).float().cpu())
+        images[-1] = images[-1].cpu()
+    for reward in rewards.values():
+        reward.to("cpu")
+    return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
+
 
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     from PIL import Image
@@ -1167,8 +1205,7 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     n, _, h, w = images.shape
     columns = min(columns, n)
-    rows = (n + columns - 1) // columns
-    grid = torch.zeros(3, rows * h, columns * w, dtype=torch.uint8)
+    grid = torch.zeros(3, (n + columns - 1) // columns * h, columns * w, dtype=torch.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
@@ -1176,7 +1213,7 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
-def start_wandb(args: Args, run_dir: Path):
+def start_wandb(args, run_dir: Path):
     """wandb.init whose run a resumed run continues: the wandb run id is kept in the run directory."""
     import wandb
 
@@ -1187,95 +1224,32 @@ def start_wandb(args: Args, run_dir: Path):
     return wandb
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def progress_text(elapsed_s: float, loop_started: float, steps_done: int, steps_left: int) -> str:
-    """'elapsed H:MM:SS eta H:MM:SS'; the ETA extrapolates this process's time per step since the loop began."""
-    per_step = (time.perf_counter() - loop_started) / max(steps_done, 1)
-    return f"elapsed {format_duration(elapsed_s)} eta {format_duration(per_step * steps_left)}"
-
-
-def elapsed_before(run_dir: Path, step: int) -> float:
-    """The perf/elapsed_s a resumed run had reached by its checkpoint's step (0 for a new run)."""
-    elapsed, path = 0.0, run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else ():
-        record = json.loads(line)
-        if record["step"] <= step and "perf/elapsed_s" in record:
-            elapsed = record["perf/elapsed_s"]
-    return elapsed
-
-
-def cost_metrics(step: int, images_per_step: int, queries_per_step: int, elapsed_s: float, device) -> dict:
-    """The run's cost so far, over all ranks: the x axes of reward-versus-compute curves."""
-    metrics = {"perf/train_images": step * images_per_step, "perf/reward_queries": step * queries_per_step,
-               "perf/elapsed_s": elapsed_s}
-    if device.type == "cuda":
-        metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return metrics
-
-
-def write_model_card(directory: Path, args: Args, scores: dict, scored_step: Optional[int]) -> None:
+def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
     """README.md (a diffusers-style model card) and args.json beside the saved LoRA."""
     offline_pairs = getattr(args, "pairs", "online") == "offline"
-    rows = [("base model", args.model), ("script", f"{Path(__file__).name}: {__doc__.strip().splitlines()[0]}"),
-            ("reward", f"offline pairs from {args.pairs_file}" if offline_pairs else args.reward),
-            ("beta", getattr(args, "beta", "n/a (PPO's clipped ratio is the only regularizer)")),
-            ("steps", args.train_steps), ("sampling steps", args.num_inference_steps),
-            ("guidance scale", args.guidance_scale), ("LoRA rank / alpha", f"{args.lora_rank} / {args.lora_alpha}"),
-            ("learning rate", args.lr), ("seed", args.seed)]
+    rows = {"base model": args.model, "script": f"{Path(__file__).name}: {__doc__.strip().splitlines()[0]}",
+            "reward": f"offline pairs from {args.pairs_file}" if offline_pairs else args.reward,
+            "beta": getattr(args, "beta", "n/a (PPO's clipped ratio is the only regularizer)"),
+            "steps": args.train_steps, "sampling steps": args.num_inference_steps,
+            "guidance scale": args.guidance_scale, "LoRA rank / alpha": f"{args.lora_rank} / {args.lora_alpha}",
+            "learning rate": args.lr, "seed": args.seed}
+    evaluation = [f"Final evaluation (step {scored_step}, mean over the held-out prompts):", "", "| reward | score |",
+                  "|---|---|", *[f"| {name.removeprefix('eval/')} | {value:.4f} |" for name, value in scores.items()]]
     lines = ["---", f"base_model: {args.model}", "library_name: diffusers", "tags:", "- lora",
              "- latent-consistency-model", "- text-to-image", f"- {Path(__file__).stem}", "---", "",
-             f"# {directory.parent.name}", "",
-             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
-             "", "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows], ""]
-    if scores:
-        lines += [f"Final evaluation (step {scored_step}, mean over the held-out prompts):", "",
-                  "| reward | score |", "|---|---|",
-                  *[f"| {name.removeprefix('eval/')} | {value:.4f} |" for name, value in scores.items()], ""]
-    else:
-        lines += ["No final evaluation was run.", ""]
-    lines += ["Load it with diffusers:", "", "```python", "from diffusers import LatentConsistencyModelPipeline", "",
-              f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
-              f'pipe.load_lora_weights("{directory}")',
-              f'image = pipe("a photo of a cat", num_inference_steps={args.num_inference_steps}, '
-              f"guidance_scale={args.guidance_scale}).images[0]", "```", "",
-              "All arguments of the run are in `args.json`.", ""]
+             f"# {directory.parent.name}", "", f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
+             "", "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows.items()], "",
+             *(evaluation if scores else ["No final evaluation was run."]), "", "Load it with diffusers:", "",
+             "```python", "from diffusers import LatentConsistencyModelPipeline", "",
+             f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
+             f'pipe.load_lora_weights("{directory}")',
+             f'image = pipe("a photo of a cat", num_inference_steps={args.num_inference_steps}, '
+             f"guidance_scale={args.guidance_scale}).images[0]", "```", "", "All arguments of the run are in `args.json`.", ""]
     (directory / "README.md").write_text("\n".join(lines))
     (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
 
-def vae_scale(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-@torch.no_grad()
-def evaluate(args: Args, models, schedule: list[ChainStep], prompts: list[str], eval_rewards: dict, device, autocast):
-    """Sample the held-out prompts with a fixed seed and score them with every evaluation reward."""
-    tokenizer, text_encoder, vae, unet, scheduler = models
-    generator = torch.Generator(device=device).manual_seed(args.seed + 1_000_003)
-    images, scores = [], {name: [] for name in eval_rewards}
-    for start in range(0, len(prompts), args.eval_batch_size):
-        batch = prompts[start:start + args.eval_batch_size]
-        side = args.resolution // vae_scale(vae)
-        shape = (len(batch), unet.config.in_channels, side, side)
-        latents, noises = draw_chain_noise(shape, len(schedule), generator, device)
-        with autocast:
-            embeds = encode_prompts(tokenizer, text_encoder, batch)
-            w_emb = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
-            rollout = sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, w_emb, batch)
-            batch_images = decode(vae, rollout.final_latents)
-        images.append(batch_images.cpu())
-        for name, reward in eval_rewards.items():
-            reward.to(device)
-            with autocast:
-                scores[name].append(reward(batch_images, batch).float().cpu())
-    return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
-
-
-def validate_shared(args: Args) -> None:
+def validate_shared(args) -> None:
     """The checks every script makes identically: finite floats, seed and guidance ranges, local directories."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not np.isfinite(value):
@@ -1296,15 +1270,18 @@ def validate_shared(args: Args) -> None:
             if problem:  # imagereward also takes a checkpoint file
                 raise SystemExit(f"error: could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
                                  f"existing local directory as {name}=DIR or a hub id")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
+    if args.resume and not Path(args.resume).is_dir():
+        raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
+
+
 
 
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     validate_shared(args)
     problems = [
-        (args.compile and not args.device.startswith("cuda"),
-         "--compile needs a CUDA device: inductor's CPU backend returns zero gradients through the UNet's "
-         "upsampling blocks (pytorch PR #185873; benchmarks/inductor_gradient_check.py); drop --compile"),
         (args.num_inference_steps < 2, f"--num-inference-steps must be >= 2: the K-1 stochastic steps are "
                                        f"PPO's actions (got {args.num_inference_steps})"),
         (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),
@@ -1340,10 +1317,6 @@ def validate(args: Args) -> None:
         raise SystemExit(f"error: --train-batch-size ({args.train_batch_size}) must divide the (sample, step) pairs "
                          f"per iteration, batch_size x sample_batches x (K-1) = {args.batch_size} x "
                          f"{args.sample_batches} x {args.num_inference_steps - 1} = {pairs}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
-    if args.resume and not Path(args.resume).is_dir():
-        raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
 
 
 if __name__ == "__main__":
