@@ -508,18 +508,18 @@ def clip_and_step(optimizer, params: list[torch.nn.Parameter], max_grad_norm: fl
     return step
 
 
-def micro_batch(seed: int, prompts: list[str], iteration: int, batch_index: int, batch_size: int, rank: int,
-                world_size: int, latent_shape: tuple, num_steps: int, device):
-    """This rank's slice of a sampling batch of an iteration: prompts, initial latents, chain noise.
+def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size: int, rank: int, world_size: int,
+                latent_shape: tuple, num_steps: int, device):
+    """This rank's slice of the global micro-batch: its prompts, initial latents and chain noise.
 
-    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the
-    samples one process with batch N*b sees.
+    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the samples one
+    process with batch N*b sees.
     """
-    chosen = random.Random(derived_seed(seed, iteration, batch_index)).choices(prompts, k=batch_size * world_size)
+    chosen = random.Random(derived_seed(seed, step, micro)).choices(prompts, k=batch_size * world_size)
     mine = range(rank * batch_size, (rank + 1) * batch_size)
     draws = [draw_chain_noise((1, *latent_shape), num_steps,
-                              torch.Generator(device=device).manual_seed(derived_seed(seed, iteration, batch_index, i)),
-                              device) for i in mine]
+                              torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i)), device)
+             for i in mine]
     latents = torch.cat([latent for latent, _ in draws])
     noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
     return [chosen[i] for i in mine], latents, noises
@@ -635,7 +635,14 @@ class Run:
 
     def __init__(self, args, unit: str = "step"):
         self.args, self.unit, self.started = args, unit, time.time()
-        self.rank, self.world_size, self.device = setup_distributed(args.device)
+        # torchrun's environment variables switch on the process group
+        self.rank, self.world_size, self.device = 0, int(os.environ.get("WORLD_SIZE", "1")), torch.device(args.device)
+        if self.world_size > 1:
+            if args.device.startswith("cuda"):
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
         self.is_main = self.rank == 0
         self.record = {"script": Path(__file__).name,
                        "args": {**asdict(args), "world_size": self.world_size,
@@ -645,7 +652,8 @@ class Run:
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
         self.in_a_row = self.skipped = 0
-        self.good = self.pending = None  # training states: the newest whose weights gave a finite loss; this step's
+        self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"  # what a non-finite stop advises
+        self.good = self.pending = None  # training states: the newest with a finite loss; this update's start
         self.scores, self.scored_step, self.wandb = {}, None, None
         torch.manual_seed(args.seed)
 
@@ -654,8 +662,13 @@ class Run:
         directory; returns (the step it starts after, the objective wrapped for DDP)."""
         self.unet, self.optimizer, start = unet, optimizer, 0
         if self.resumed:
-            start = load_checkpoint(self.resumed, unet, optimizer, self.grad_scaler, self.args)
-            self.run_dir = self.resumed["path"].parent.parent
+            set_lora(unet, self.resumed["lora"])
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
+                group.update(lr=self.args.lr, weight_decay=self.args.weight_decay)
+            if self.resumed["grad_scaler"] and self.grad_scaler.is_enabled():  # a loss scale exists only under fp16
+                self.grad_scaler.load_state_dict(self.resumed["grad_scaler"])
+            start, self.run_dir = self.resumed["step"], self.resumed["path"].parent.parent
         else:
             self.run_dir = new_run_dir(self.args, self.is_main, self.world_size)
             self.lock = lock_run_dir(self.run_dir) if self.is_main else None
@@ -665,10 +678,27 @@ class Run:
                 objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
         if self.is_main:
-            record_args(self.run_dir, self.args, self.resumed)
+            # args.json keeps the flags the run started with; each resume appends its flags to resumes.jsonl
+            if self.resumed is None:
+                (self.run_dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+            else:
+                with (self.run_dir / "resumes.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": start, "checkpoint": str(self.resumed["path"]),
+                                        "changed": self.resumed["changed"], "args": asdict(self.args)}) + "\n")
+                if self.resumed["changed"]:
+                    print("changed on resume: " + ", ".join(f"--{flag.replace('_', '-')} {old} -> {new}"
+                                                            for flag, (old, new) in self.resumed["changed"].items()))
             print(f"run directory: {self.run_dir}" + (f" (resumed at {self.unit} {start})" if self.resumed else ""))
             print(f"effective batch: {batch_text} per {self.unit}")
-            self.wandb = start_wandb(self.args, self.run_dir) if self.args.track else None
+            if self.args.track:  # a resumed run continues its wandb run, whose id is kept in the run directory
+                import wandb
+
+                id_file = self.run_dir / "wandb_run_id.txt"
+                wandb_run = wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
+                                       name=self.run_dir.name, config=asdict(self.args), resume="allow",
+                                       id=id_file.read_text().strip() if id_file.exists() else None)
+                id_file.write_text(wandb_run.id)
+                self.wandb = wandb
         self.loop_started = time.perf_counter()
         return start, objective
 
@@ -696,7 +726,10 @@ class Run:
         run after --max-nonfinite-steps skips in a row. Returns the gradient norm, None if skipped."""
         self.grad_scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        finite = not any_rank(not finite or not torch.isfinite(grad_norm).item(), self.device, self.world_size)
+        failed = torch.tensor(float(not finite or not torch.isfinite(grad_norm)), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        finite = not failed.item()
         if finite:
             self.good, self.pending, self.in_a_row = self.pending or self.good, None, 0
             self.grad_scaler.step(self.optimizer)
@@ -709,9 +742,20 @@ class Run:
         self.grad_scaler.update()  # after a skip under fp16 this lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.in_a_row >= self.args.max_nonfinite_steps:
-            stop_non_finite(self.run_dir, self.unet, self.good, self.is_main,
-                            f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}")
+            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}", self.nonfinite_fix)
         return grad_norm.item() if finite else None
+
+    def stop(self, what: str, fix: str) -> None:
+        """End the run with one line naming the checkpoint to resume from: the newest state whose weights gave a
+        finite loss, saved unless a checkpoint of its step exists (never pruning)."""
+        target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
+        if self.is_main and self.good and not (target / "training_state.pt").is_file():
+            set_lora(self.unet, self.good["lora"])
+            target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
+        if not target:
+            raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
+        raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
+                         f"with --resume {target}")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -775,8 +819,13 @@ class Run:
             if self.is_main:
                 print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
                       f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
-        if self.world_size > 1:
-            check_ranks_in_sync(params)
+        if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            low, high = flat.clone(), flat.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            if not torch.equal(low, high):
+                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
             if self.is_main:
                 print(f"LoRA weights identical on all {self.world_size} ranks")
         if self.args.train_steps > self.start_step:
@@ -940,20 +989,6 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun's environment variables switch on the process group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, torch.device(device_name)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device_name.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device(device_name), "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), world_size, device
-
 
 def global_mean(values: torch.Tensor, world_size: int) -> float:
     """Mean over every rank's values (nan where there are none, e.g. every online pair was a tie)."""
@@ -963,22 +998,6 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def any_rank(flag: bool, device, world_size: int) -> bool:
-    if world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
-    """Fail loudly if the ranks' LoRA weights drifted apart (they cannot when gradients are synchronized)."""
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    low, high = flat.clone(), flat.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
 
 
 def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
@@ -988,16 +1007,6 @@ def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) 
     return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
                           "grad_scaler": grad_scaler.state_dict(), **run, **extra})
 
-
-def load_checkpoint(state: dict, unet, optimizer, grad_scaler, args) -> int:
-    """Restores weights, optimizer and loss scale in place, with this run's --lr and --weight-decay; returns step."""
-    set_lora(unet, state["lora"])
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
-        group.update(lr=args.lr, weight_decay=args.weight_decay)
-    if state["grad_scaler"] and grad_scaler.is_enabled():  # a loss scale exists only under fp16, on both sides
-        grad_scaler.load_state_dict(state["grad_scaler"])
-    return state["step"]
 
 
 def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
@@ -1063,19 +1072,6 @@ def save_final(unet, run_dir: Path) -> Path:
     raise SystemExit(f"error: could not save the final LoRA anywhere ({'; '.join(failures)}); the trained weights "
                      "are lost: free disk space and train with --save-every")
 
-
-def stop_non_finite(run_dir: Path, unet, good: Optional[dict], is_main: bool, what: str,
-                    fix: str = "lower --lr or use --mixed-precision bf16/no") -> None:
-    """Stop the run. `good` is the newest training state whose weights gave a finite loss: it is saved unless a
-    checkpoint of its step exists (never pruning) and named as the one to resume from."""
-    target = good and run_dir / "checkpoints" / f"step_{good['step']:06d}"
-    if is_main and good and not (target / "training_state.pt").is_file():
-        set_lora(unet, good["lora"])
-        target = save_checkpoint(run_dir, unet, good, None) and target
-    if not target:
-        raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
-    raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
-                     f"with --resume {target}")
 
 
 def find_checkpoint(path: Path) -> tuple[Path, dict]:
@@ -1157,18 +1153,6 @@ def new_run_dir(args, is_main: bool, world_size: int) -> Path:
     return Path(names[0])
 
 
-def record_args(run_dir: Path, args, resumed: Optional[dict]) -> None:
-    """args.json keeps the flags the run started with; each resume appends its flags to resumes.jsonl."""
-    if resumed is None:
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        return
-    with (run_dir / "resumes.jsonl").open("a") as f:
-        f.write(json.dumps({"step": resumed["step"], "checkpoint": str(resumed["path"]),
-                            "changed": resumed["changed"], "args": asdict(args)}) + "\n")
-    if resumed["changed"]:
-        print("changed on resume: " + ", ".join(f"--{flag.replace('_', '-')} {old} -> {new}"
-                                                for flag, (old, new) in resumed["changed"].items()))
-
 
 def first_line(error: BaseException) -> str:
     """An exception's first message line (or its type's name), for one-line messages."""
@@ -1212,16 +1196,6 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
-
-def start_wandb(args, run_dir: Path):
-    """wandb.init whose run a resumed run continues: the wandb run id is kept in the run directory."""
-    import wandb
-
-    id_file = run_dir / "wandb_run_id.txt"
-    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                     id=id_file.read_text().strip() if id_file.exists() else None, resume="allow")
-    id_file.write_text(run.id)
-    return wandb
 
 
 def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
@@ -1274,8 +1248,6 @@ def validate_shared(args) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
-
-
 
 
 def validate(args: Args) -> None:

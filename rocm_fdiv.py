@@ -326,7 +326,7 @@ class RocmObjective(torch.nn.Module):
         self.divergence, self.reduction, self.js_estimator = divergence, reduction, js_estimator
 
     def forward(self, prompts: list[str], latents, noises, w_embedding, generators=None):
-        """Returns (loss, per-sample rewards, per-sample divergence, per-sample KL); generators: micro_batch's."""
+        """Returns (loss, per-sample rewards, per-sample divergence, per-sample KL); generators: js_generators'."""
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
         # at beta 0 the divergence is only measured (the run's drift from the base), without its gradient
         final, divergence, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding,
@@ -340,9 +340,8 @@ JS_STREAM = 1  # the last key of the seeds of the sampled JS estimate's noise
 
 
 def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size: int, rank: int, world_size: int,
-                latent_shape: tuple, num_steps: int, device, sampled_js: bool = False):
-    """This rank's slice of the global micro-batch: its prompts, initial latents and chain noise, and for the
-    sampled JS estimate (sampled_js) one generator per sample (else None).
+                latent_shape: tuple, num_steps: int, device):
+    """This rank's slice of the global micro-batch: its prompts, initial latents and chain noise.
 
     Every sample's noise depends only on its global index, so N ranks with batch b see exactly the samples one
     process with batch N*b sees.
@@ -354,9 +353,13 @@ def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size
              for i in mine]
     latents = torch.cat([latent for latent, _ in draws])
     noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
-    generators = [torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i, JS_STREAM))
-                  for i in mine] if sampled_js else None  # a stream apart from the chain noise's
-    return [chosen[i] for i in mine], latents, noises, generators
+    return [chosen[i] for i in mine], latents, noises
+
+def js_generators(seed: int, step: int, micro: int, batch_size: int, rank: int, device) -> list[torch.Generator]:
+    """One generator per sample of this rank's micro-batch for the sampled JS estimate: seeded by the sample's
+    global index on a stream apart from the chain noise's, so ranks and resumed runs draw what one process draws."""
+    return [torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i, JS_STREAM))
+            for i in range(rank * batch_size, (rank + 1) * batch_size)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,39 +401,36 @@ def main(args: Args) -> None:
         run.evaluate(step, sample, (tokenizer, text_encoder, vae, unet), eval_prompts, eval_rewards, latent_shape,
                      len(schedule))
 
+    if args.divergence == "chi2":  # chi2 = exp(d2) - 1 overflows float32 once d2 passes 88
+        run.nonfinite_fix += ", or a bounded --divergence (chi2 overflows far from the base)"
     if start_step == 0:
         evaluate_now(0)
     for step in range(start_step + 1, args.train_steps + 1):
         unet.train()
         started = time.perf_counter()
         run.snapshot(step - 1)  # the weights before this update, kept while they are the last with a finite loss
-        rewards, divergences, kls, finite = [], [], [], True
+        losses, rewards, divergences, kls, finite = [], [], [], [], True
         # ---- sample and loss: the chain with gradients, the reward of the decoded image, the divergence to the base
         for micro in range(args.grad_accum):
-            prompts, latents, noises, generators = micro_batch(args.seed, train_prompts, step, micro, args.batch_size,
-                                                               run.rank, run.world_size, latent_shape, len(schedule),
-                                                               device, sampled_js)
+            prompts, latents, noises = micro_batch(args.seed, train_prompts, step, micro, args.batch_size, run.rank,
+                                                   run.world_size, latent_shape, len(schedule), device)
+            generators = js_generators(args.seed, step, micro, args.batch_size, run.rank, device) if sampled_js else None
             with run.backward_pass(objective, step, last=micro == args.grad_accum - 1):
                 with run.autocast:
                     loss, reward, divergence, kl = objective(prompts, latents, noises, w_embedding, generators)
                 finite &= torch.isfinite(loss).item()
                 run.grad_scaler.scale(loss / args.grad_accum).backward()
+            losses.append(loss.detach().reshape(1))
             rewards.append(reward.detach())
             divergences.append(divergence.detach())
             kls.append(kl)
         # ---- update: skipped on every rank together when a loss or a gradient is not finite
-        try:
-            grad_norm = run.update(step, finite, lora_params, args.max_grad_norm)
-        except SystemExit as stop:  # chi2 = exp(d2) - 1 overflows float32 once d2 passes 88
-            raise SystemExit(f"{stop}; or train with a bounded --divergence (chi2 overflows far from the base)") \
-                if args.divergence == "chi2" else stop
+        grad_norm = run.update(step, finite, lora_params, args.max_grad_norm)
         step_time = time.perf_counter() - started
         # ---- log
         if grad_norm is not None and step % args.log_every == 0:
-            reward_mean, divergence_mean, kl_mean = (global_mean(torch.cat(values), run.world_size)
-                                                     for values in (rewards, divergences, kls))
-            # rocm_loss of the whole batch (at beta 0 without the divergence, which may be infinite)
-            loss_mean = -reward_mean + (args.beta * divergence_mean if args.beta else 0.0)
+            reward_mean, divergence_mean, kl_mean, loss_mean = (global_mean(torch.cat(values), run.world_size)
+                                                                for values in (rewards, divergences, kls, losses))
             run.log_step(step, {"train/reward": reward_mean, "train/divergence": divergence_mean, "train/kl": kl_mean,
                                 "train/loss": loss_mean, "train/grad_norm": grad_norm},
                          f"reward {reward_mean:.4f} {args.divergence}/{args.reduction} {divergence_mean:.4g} "
@@ -452,7 +452,14 @@ class Run:
 
     def __init__(self, args, unit: str = "step"):
         self.args, self.unit, self.started = args, unit, time.time()
-        self.rank, self.world_size, self.device = setup_distributed(args.device)
+        # torchrun's environment variables switch on the process group
+        self.rank, self.world_size, self.device = 0, int(os.environ.get("WORLD_SIZE", "1")), torch.device(args.device)
+        if self.world_size > 1:
+            if args.device.startswith("cuda"):
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
         self.is_main = self.rank == 0
         self.record = {"script": Path(__file__).name,
                        "args": {**asdict(args), "world_size": self.world_size,
@@ -462,7 +469,8 @@ class Run:
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
         self.in_a_row = self.skipped = 0
-        self.good = self.pending = None  # training states: the newest whose weights gave a finite loss; this step's
+        self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"  # what a non-finite stop advises
+        self.good = self.pending = None  # training states: the newest with a finite loss; this update's start
         self.scores, self.scored_step, self.wandb = {}, None, None
         torch.manual_seed(args.seed)
 
@@ -471,8 +479,13 @@ class Run:
         directory; returns (the step it starts after, the objective wrapped for DDP)."""
         self.unet, self.optimizer, start = unet, optimizer, 0
         if self.resumed:
-            start = load_checkpoint(self.resumed, unet, optimizer, self.grad_scaler, self.args)
-            self.run_dir = self.resumed["path"].parent.parent
+            set_lora(unet, self.resumed["lora"])
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
+                group.update(lr=self.args.lr, weight_decay=self.args.weight_decay)
+            if self.resumed["grad_scaler"] and self.grad_scaler.is_enabled():  # a loss scale exists only under fp16
+                self.grad_scaler.load_state_dict(self.resumed["grad_scaler"])
+            start, self.run_dir = self.resumed["step"], self.resumed["path"].parent.parent
         else:
             self.run_dir = new_run_dir(self.args, self.is_main, self.world_size)
             self.lock = lock_run_dir(self.run_dir) if self.is_main else None
@@ -482,10 +495,27 @@ class Run:
                 objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
         if self.is_main:
-            record_args(self.run_dir, self.args, self.resumed)
+            # args.json keeps the flags the run started with; each resume appends its flags to resumes.jsonl
+            if self.resumed is None:
+                (self.run_dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
+            else:
+                with (self.run_dir / "resumes.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": start, "checkpoint": str(self.resumed["path"]),
+                                        "changed": self.resumed["changed"], "args": asdict(self.args)}) + "\n")
+                if self.resumed["changed"]:
+                    print("changed on resume: " + ", ".join(f"--{flag.replace('_', '-')} {old} -> {new}"
+                                                            for flag, (old, new) in self.resumed["changed"].items()))
             print(f"run directory: {self.run_dir}" + (f" (resumed at {self.unit} {start})" if self.resumed else ""))
             print(f"effective batch: {batch_text} per {self.unit}")
-            self.wandb = start_wandb(self.args, self.run_dir) if self.args.track else None
+            if self.args.track:  # a resumed run continues its wandb run, whose id is kept in the run directory
+                import wandb
+
+                id_file = self.run_dir / "wandb_run_id.txt"
+                wandb_run = wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
+                                       name=self.run_dir.name, config=asdict(self.args), resume="allow",
+                                       id=id_file.read_text().strip() if id_file.exists() else None)
+                id_file.write_text(wandb_run.id)
+                self.wandb = wandb
         self.loop_started = time.perf_counter()
         return start, objective
 
@@ -513,7 +543,10 @@ class Run:
         run after --max-nonfinite-steps skips in a row. Returns the gradient norm, None if skipped."""
         self.grad_scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        finite = not any_rank(not finite or not torch.isfinite(grad_norm).item(), self.device, self.world_size)
+        failed = torch.tensor(float(not finite or not torch.isfinite(grad_norm)), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        finite = not failed.item()
         if finite:
             self.good, self.pending, self.in_a_row = self.pending or self.good, None, 0
             self.grad_scaler.step(self.optimizer)
@@ -526,9 +559,20 @@ class Run:
         self.grad_scaler.update()  # after a skip under fp16 this lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.in_a_row >= self.args.max_nonfinite_steps:
-            stop_non_finite(self.run_dir, self.unet, self.good, self.is_main,
-                            f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}")
+            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}", self.nonfinite_fix)
         return grad_norm.item() if finite else None
+
+    def stop(self, what: str, fix: str) -> None:
+        """End the run with one line naming the checkpoint to resume from: the newest state whose weights gave a
+        finite loss, saved unless a checkpoint of its step exists (never pruning)."""
+        target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
+        if self.is_main and self.good and not (target / "training_state.pt").is_file():
+            set_lora(self.unet, self.good["lora"])
+            target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
+        if not target:
+            raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
+        raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
+                         f"with --resume {target}")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -592,8 +636,13 @@ class Run:
             if self.is_main:
                 print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
                       f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
-        if self.world_size > 1:
-            check_ranks_in_sync(params)
+        if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            low, high = flat.clone(), flat.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            if not torch.equal(low, high):
+                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
             if self.is_main:
                 print(f"LoRA weights identical on all {self.world_size} ranks")
         if self.args.train_steps > self.start_step:
@@ -757,20 +806,6 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); torchrun's environment variables switch on the process group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, torch.device(device_name)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device_name.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device(device_name), "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), world_size, device
-
 
 def global_mean(values: torch.Tensor, world_size: int) -> float:
     """Mean over every rank's values (nan where there are none, e.g. every online pair was a tie)."""
@@ -780,22 +815,6 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def any_rank(flag: bool, device, world_size: int) -> bool:
-    if world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def check_ranks_in_sync(params: list[torch.nn.Parameter]) -> None:
-    """Fail loudly if the ranks' LoRA weights drifted apart (they cannot when gradients are synchronized)."""
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    low, high = flat.clone(), flat.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
 
 
 def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
@@ -805,16 +824,6 @@ def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) 
     return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
                           "grad_scaler": grad_scaler.state_dict(), **run, **extra})
 
-
-def load_checkpoint(state: dict, unet, optimizer, grad_scaler, args) -> int:
-    """Restores weights, optimizer and loss scale in place, with this run's --lr and --weight-decay; returns step."""
-    set_lora(unet, state["lora"])
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
-        group.update(lr=args.lr, weight_decay=args.weight_decay)
-    if state["grad_scaler"] and grad_scaler.is_enabled():  # a loss scale exists only under fp16, on both sides
-        grad_scaler.load_state_dict(state["grad_scaler"])
-    return state["step"]
 
 
 def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
@@ -880,19 +889,6 @@ def save_final(unet, run_dir: Path) -> Path:
     raise SystemExit(f"error: could not save the final LoRA anywhere ({'; '.join(failures)}); the trained weights "
                      "are lost: free disk space and train with --save-every")
 
-
-def stop_non_finite(run_dir: Path, unet, good: Optional[dict], is_main: bool, what: str,
-                    fix: str = "lower --lr or use --mixed-precision bf16/no") -> None:
-    """Stop the run. `good` is the newest training state whose weights gave a finite loss: it is saved unless a
-    checkpoint of its step exists (never pruning) and named as the one to resume from."""
-    target = good and run_dir / "checkpoints" / f"step_{good['step']:06d}"
-    if is_main and good and not (target / "training_state.pt").is_file():
-        set_lora(unet, good["lora"])
-        target = save_checkpoint(run_dir, unet, good, None) and target
-    if not target:
-        raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
-    raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
-                     f"with --resume {target}")
 
 
 def find_checkpoint(path: Path) -> tuple[Path, dict]:
@@ -974,18 +970,6 @@ def new_run_dir(args, is_main: bool, world_size: int) -> Path:
     return Path(names[0])
 
 
-def record_args(run_dir: Path, args, resumed: Optional[dict]) -> None:
-    """args.json keeps the flags the run started with; each resume appends its flags to resumes.jsonl."""
-    if resumed is None:
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        return
-    with (run_dir / "resumes.jsonl").open("a") as f:
-        f.write(json.dumps({"step": resumed["step"], "checkpoint": str(resumed["path"]),
-                            "changed": resumed["changed"], "args": asdict(args)}) + "\n")
-    if resumed["changed"]:
-        print("changed on resume: " + ", ".join(f"--{flag.replace('_', '-')} {old} -> {new}"
-                                                for flag, (old, new) in resumed["changed"].items()))
-
 
 def first_line(error: BaseException) -> str:
     """An exception's first message line (or its type's name), for one-line messages."""
@@ -1029,16 +1013,6 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
-
-def start_wandb(args, run_dir: Path):
-    """wandb.init whose run a resumed run continues: the wandb run id is kept in the run directory."""
-    import wandb
-
-    id_file = run_dir / "wandb_run_id.txt"
-    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=run_dir.name, config=asdict(args),
-                     id=id_file.read_text().strip() if id_file.exists() else None, resume="allow")
-    id_file.write_text(run.id)
-    return wandb
 
 
 def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:

@@ -411,6 +411,7 @@ class Run:
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
         self.in_a_row = self.skipped = 0
+        self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"  # what a non-finite stop advises
         self.good = self.pending = None  # training states: the newest with a finite loss; this update's start
         self.scores, self.scored_step, self.wandb = {}, None, None
         torch.manual_seed(args.seed)
@@ -500,10 +501,10 @@ class Run:
         self.grad_scaler.update()  # after a skip under fp16 this lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.in_a_row >= self.args.max_nonfinite_steps:
-            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}")
+            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}", self.nonfinite_fix)
         return grad_norm.item() if finite else None
 
-    def stop(self, what: str, fix: str = "lower --lr or use --mixed-precision bf16/no") -> None:
+    def stop(self, what: str, fix: str) -> None:
         """End the run with one line naming the checkpoint to resume from: the newest state whose weights gave a
         finite loss, saved unless a checkpoint of its step exists (never pruning)."""
         target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"

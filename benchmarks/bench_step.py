@@ -171,12 +171,11 @@ class RocmBench(Bench):
 
     def loss_and_grads(self, index: int) -> torch.Tensor:
         a = self.run_args
-        # rocm_fdiv's micro_batch adds the sampled-JS generators, which its objective takes last
-        sampled_js = [a.divergence == "js" and a.js_estimator == "sampled"] if self.module.__name__ == "rocm_fdiv" \
-            else []
-        prompts, latents, noises, *generators = self.module.micro_batch(
-            a.seed, PROMPTS, index, 0, a.batch_size, 0, 1, self.latent_shape, len(self.schedule), self.device,
-            *sampled_js)
+        prompts, latents, noises = self.module.micro_batch(a.seed, PROMPTS, index, 0, a.batch_size, 0, 1,
+                                                           self.latent_shape, len(self.schedule), self.device)
+        # rocm_fdiv's sampled JS estimate draws from generators of its own, which its objective takes last
+        generators = [self.module.js_generators(a.seed, index, 0, a.batch_size, 0, self.device)] \
+            if getattr(a, "divergence", "") == "js" and a.js_estimator == "sampled" else []
         with self.autocast:
             loss = self.objective(prompts, latents, noises, self.w_embedding, *generators)[0]
         loss.backward()

@@ -209,14 +209,15 @@ def test_huge_beta_keeps_the_lora_near_the_base(train_in_process, divergence, es
 def test_sampled_js_noise_depends_on_the_sample_alone():
     """Stateless per-sample generators: a resumed run and 2 ranks x batch 1 draw what one process drew."""
     def js_draws(batch_size, rank, world_size):
-        generators = rocm_fdiv.micro_batch(0, PROMPTS, 5, 1, batch_size, rank, world_size, (4, 2, 2), 4, "cpu",
-                                           sampled_js=True)[3]
+        generators = rocm_fdiv.js_generators(0, 5, 1, batch_size, rank, "cpu")
         return [torch.randn(3, generator=g) for g in generators]
 
     together = js_draws(2, 0, 1)
     assert torch.equal(js_draws(1, 0, 2)[0], together[0]) and torch.equal(js_draws(1, 1, 2)[0], together[1])
     assert not torch.equal(together[0], together[1])
-    assert rocm_fdiv.micro_batch(0, PROMPTS, 5, 1, 2, 0, 1, (4, 2, 2), 4, "cpu")[3] is None
+    chain_noise = rocm_fdiv.micro_batch(0, PROMPTS, 5, 1, 2, 0, 1, (4, 2, 2), 4, "cpu")[1]
+    assert not torch.equal(torch.randn(4, 2, 2, generator=rocm_fdiv.js_generators(0, 5, 1, 2, 0, "cpu")[0]),
+                           chain_noise[0])  # a stream apart from the chain noise's
 
 
 def test_kl_is_one_value_under_both_reductions(lcm):
