@@ -272,7 +272,7 @@ def transition(step: ChainStep) -> tuple[torch.Tensor | float, torch.Tensor | fl
 
 
 def step_weight(variance, eps: float) -> torch.Tensor:
-    """The seed's w_k = 1 / max(s_k^2, eps^2): the step's precision, floored so the deterministic last step is usable."""
+    """The seed's w_k = 1 / max(s_k^2, eps^2): the step's precision, floored so the deterministic last step counts."""
     return 1.0 / torch.clamp(torch.as_tensor(variance, dtype=torch.float32), min=eps**2)
 
 
@@ -425,7 +425,8 @@ class CmDpoObjective(torch.nn.Module):
         if constrain:
             loss = loss + multiplier * terms["last_gap"].mean()
         kept = batch.keep.bool()
-        stats = {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept], "margin": margin.detach()[kept],
+        stats = {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept],
+                 "margin": margin.detach()[kept],
                  "kl": terms["kl"].detach(), "loss_con": con.detach() if con is not None else None,
                  "last_gap": terms["last_gap"].detach() if constrain else None}
         return loss, stats
@@ -436,7 +437,8 @@ class CmDpoObjective(torch.nn.Module):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding) -> list[torch.Tensor]:
+def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds,
+                      w_embedding) -> list[torch.Tensor]:
     """The K-step chain as LatentConsistencyModelPipeline runs it; states [x_K, ..., x_0], schedule[i]: i -> i + 1."""
     states = [latents]
     for k, step in enumerate(schedule):
@@ -700,7 +702,8 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
         except json.JSONDecodeError as error:
             raise SystemExit(f"error: --pairs-file '{path}' line {number} is not valid JSON ({error.msg}); "
                              'write one {"prompt": ..., "winner": ..., "loser": ...} object per line')
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "winner", "loser")):
+        fields = ("prompt", "winner", "loser")
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in fields):
             raise SystemExit(f"error: --pairs-file '{path}' line {number} needs string fields prompt, winner and loser")
         for key in ("winner", "loser"):
             image = path.parent / record[key]
@@ -708,7 +711,8 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
                 raise SystemExit(f"error: --pairs-file '{path}' line {number}: {key} image '{image}' does not exist; "
                                  "fix the path (relative paths start at the JSONL file's directory)")
             if image not in checked:
-                open_image(str(image), resolution, f"--pairs-file '{path}' line {number}: {key} image '{image}'").close()
+                where = f"--pairs-file '{path}' line {number}: {key} image '{image}'"
+                open_image(str(image), resolution, where).close()
                 checked.add(image)
             record[key] = str(image)
         pairs.append({"prompt": record["prompt"], "winner": record["winner"], "loser": record["loser"], "line": number})
@@ -739,9 +743,9 @@ def open_image(path: str, resolution: int, where: str):
                 if long > MAX_ASPECT * short or short * MIN_SIDE_DIVISOR < resolution:
                     raise SystemExit(
                         f"error: {where} is {image.width}x{image.height} pixels, too far from the training resolution "
-                        f"{resolution}x{resolution} (refused: an aspect ratio above {MAX_ASPECT} or a shorter side below "
-                        f"{resolution / MIN_SIDE_DIVISOR:g} = resolution / {MIN_SIDE_DIVISOR}); crop or resize it, or "
-                        "remove the line")
+                        f"{resolution}x{resolution} (refused: an aspect ratio above {MAX_ASPECT} or a shorter side "
+                        f"below {resolution / MIN_SIDE_DIVISOR:g} = resolution / {MIN_SIDE_DIVISOR}); crop or resize "
+                        "it, or remove the line")
                 return image.convert("RGB")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise SystemExit(f"error: {where} is too large to decode ({error}); resize it or remove the line")
@@ -933,7 +937,8 @@ class Run:
                                       self.args.guidance_scale, self.args.eval_batch_size, self.device, self.autocast)
             grid = self.run_dir / "samples" / f"step_{step:06d}.png"
             save_image_grid(images, grid)
-            self.scores, self.scored_step = {f"eval/{name}": value.mean().item() for name, value in scores.items()}, step
+            self.scores = {f"eval/{name}": value.mean().item() for name, value in scores.items()}
+            self.scored_step = step
             print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
             # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
             self.log(self.scores, step, self.wandb and {"eval/samples": self.wandb.Image(
@@ -963,7 +968,8 @@ class Run:
             dist.all_reduce(low, op=dist.ReduceOp.MIN)
             dist.all_reduce(high, op=dist.ReduceOp.MAX)
             if not torch.equal(low, high):
-                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
+                raise SystemExit("error: the LoRA weights differ across ranks (max gap "
+                                 f"{(high - low).max().item():.3g})")
             if self.is_main:
                 print(f"LoRA weights identical on all {self.world_size} ranks")
         if self.args.train_steps > self.start_step:
@@ -1111,19 +1117,22 @@ def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
 
 
 def load_eval_rewards(specs, dtype: torch.dtype) -> dict:
-    """The evaluation rewards that load (the others are skipped with a warning), kept on the CPU between
-    evaluations so that they cost no GPU memory during training."""
+    """The evaluation rewards that load (one whose package or weights are missing is skipped with a warning; an
+    unknown name stops), kept on the CPU between evaluations so that they cost no GPU memory during training."""
     rewards = {}
     for spec in specs:
         try:
             rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), dtype)
         except SystemExit as error:
+            if spec.partition("=")[0] not in REWARDS:
+                raise
             print(f"warning: skipping evaluation reward: {str(error).removeprefix('error: ')}")
     return rewards
 
 
 def derived_seed(*keys: int) -> int:
-    """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
+    """A seed derived from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and
+    ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -1349,14 +1358,16 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
                   "|---|---|", *[f"| {name.removeprefix('eval/')} | {value:.4f} |" for name, value in scores.items()]]
     lines = ["---", f"base_model: {args.model}", "library_name: diffusers", "tags:", "- lora",
              "- latent-consistency-model", "- text-to-image", f"- {Path(__file__).stem}", "---", "",
-             f"# {directory.parent.name}", "", f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
+             f"# {directory.parent.name}", "",
+             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
              "", "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows.items()], "",
              *(evaluation if scores else ["No final evaluation was run."]), "", "Load it with diffusers:", "",
              "```python", "from diffusers import LatentConsistencyModelPipeline", "",
              f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
              f'pipe.load_lora_weights("{directory}")',
              f'image = pipe("a photo of a cat", num_inference_steps={args.num_inference_steps}, '
-             f"guidance_scale={args.guidance_scale}).images[0]", "```", "", "All arguments of the run are in `args.json`.", ""]
+             f"guidance_scale={args.guidance_scale}).images[0]", "```", "",
+             "All arguments of the run are in `args.json`.", ""]
     (directory / "README.md").write_text("\n".join(lines))
     (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
@@ -1396,7 +1407,8 @@ def validate(args: Args) -> None:
         (args.eps <= 0, f"--eps must be > 0 (got {args.eps})"),
         (args.num_inference_steps < 1, f"--num-inference-steps must be >= 1 (got {args.num_inference_steps})"),
         (args.num_inference_steps == 1 and args.last_step != "smooth",
-         f"--last-step {args.last_step} leaves no step to compare with --num-inference-steps 1; use --last-step smooth"),
+         f"--last-step {args.last_step} leaves no step to compare with --num-inference-steps 1; use --last-step "
+         "smooth"),
         (args.pairs == "offline" and not args.pairs_file,
          "--pairs offline needs --pairs-file (JSONL of prompt, winner, loser)"),
         (args.samples_per_prompt < 2, f"--samples-per-prompt must be >= 2 (got {args.samples_per_prompt})"),

@@ -320,8 +320,8 @@ class RocmObjective(torch.nn.Module):
                  reference_grad: bool = True, checkpoint: bool = True, checkpoint_decode: bool = False,
                  divergence: str = "kl", reduction: str = "per_dim", js_estimator: str = "quadrature"):
         super().__init__()
-        self.tokenizer, self.text_encoder, self.vae, self.unet, self.reward_fn = tokenizer, text_encoder, vae, unet, reward_fn
-        self.schedule, self.beta, self.reference_grad = schedule, beta, reference_grad
+        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.reward_fn, self.schedule, self.beta, self.reference_grad = reward_fn, schedule, beta, reference_grad
         self.checkpoint, self.checkpoint_decode = checkpoint, checkpoint_decode
         self.divergence, self.reduction, self.js_estimator = divergence, reduction, js_estimator
 
@@ -414,7 +414,8 @@ def main(args: Args) -> None:
         for micro in range(args.grad_accum):
             prompts, latents, noises = micro_batch(args.seed, train_prompts, step, micro, args.batch_size, run.rank,
                                                    run.world_size, latent_shape, len(schedule), device)
-            generators = js_generators(args.seed, step, micro, args.batch_size, run.rank, device) if sampled_js else None
+            generators = js_generators(args.seed, step, micro, args.batch_size, run.rank, device) if sampled_js \
+                else None
             with run.backward_pass(objective, step, last=micro == args.grad_accum - 1):
                 with run.autocast:
                     loss, reward, divergence, kl = objective(prompts, latents, noises, w_embedding, generators)
@@ -612,7 +613,8 @@ class Run:
                                       self.args.guidance_scale, self.args.eval_batch_size, self.device, self.autocast)
             grid = self.run_dir / "samples" / f"step_{step:06d}.png"
             save_image_grid(images, grid)
-            self.scores, self.scored_step = {f"eval/{name}": value.mean().item() for name, value in scores.items()}, step
+            self.scores = {f"eval/{name}": value.mean().item() for name, value in scores.items()}
+            self.scored_step = step
             print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
             # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
             self.log(self.scores, step, self.wandb and {"eval/samples": self.wandb.Image(
@@ -642,7 +644,8 @@ class Run:
             dist.all_reduce(low, op=dist.ReduceOp.MIN)
             dist.all_reduce(high, op=dist.ReduceOp.MAX)
             if not torch.equal(low, high):
-                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high - low).max().item():.3g})")
+                raise SystemExit("error: the LoRA weights differ across ranks (max gap "
+                                 f"{(high - low).max().item():.3g})")
             if self.is_main:
                 print(f"LoRA weights identical on all {self.world_size} ranks")
         if self.args.train_steps > self.start_step:
@@ -790,19 +793,22 @@ def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
 
 
 def load_eval_rewards(specs, dtype: torch.dtype) -> dict:
-    """The evaluation rewards that load (the others are skipped with a warning), kept on the CPU between
-    evaluations so that they cost no GPU memory during training."""
+    """The evaluation rewards that load (one whose package or weights are missing is skipped with a warning; an
+    unknown name stops), kept on the CPU between evaluations so that they cost no GPU memory during training."""
     rewards = {}
     for spec in specs:
         try:
             rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), dtype)
         except SystemExit as error:
+            if spec.partition("=")[0] not in REWARDS:
+                raise
             print(f"warning: skipping evaluation reward: {str(error).removeprefix('error: ')}")
     return rewards
 
 
 def derived_seed(*keys: int) -> int:
-    """A seed derived from integer keys (seed, step, batch, sample, ...). Stateless: runs resume exactly, ranks differ."""
+    """A seed derived from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and
+    ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -1028,14 +1034,16 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
                   "|---|---|", *[f"| {name.removeprefix('eval/')} | {value:.4f} |" for name, value in scores.items()]]
     lines = ["---", f"base_model: {args.model}", "library_name: diffusers", "tags:", "- lora",
              "- latent-consistency-model", "- text-to-image", f"- {Path(__file__).stem}", "---", "",
-             f"# {directory.parent.name}", "", f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
+             f"# {directory.parent.name}", "",
+             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
              "", "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows.items()], "",
              *(evaluation if scores else ["No final evaluation was run."]), "", "Load it with diffusers:", "",
              "```python", "from diffusers import LatentConsistencyModelPipeline", "",
              f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
              f'pipe.load_lora_weights("{directory}")',
              f'image = pipe("a photo of a cat", num_inference_steps={args.num_inference_steps}, '
-             f"guidance_scale={args.guidance_scale}).images[0]", "```", "", "All arguments of the run are in `args.json`.", ""]
+             f"guidance_scale={args.guidance_scale}).images[0]", "```", "",
+             "All arguments of the run are in `args.json`.", ""]
     (directory / "README.md").write_text("\n".join(lines))
     (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
 

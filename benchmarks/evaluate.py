@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import rocm_kl  # noqa: E402  (the sampling chain and loaders every script shares)
+from common import REWARDS  # noqa: E402
 
 
 @dataclass
@@ -102,8 +103,10 @@ def score(args: Args, images: torch.Tensor, prompts: list[str], device, dtype, a
         name = spec.partition("=")[0]
         try:
             reward = rocm_kl.load_reward_spec(spec, device, dtype)
-        except (FileNotFoundError, ImportError) as error:
-            print(f"warning: skipping {name}: {error}")
+        except SystemExit as error:  # a missing package or missing weights skip the reward; an unknown name stops
+            if name not in REWARDS:
+                raise
+            print(f"warning: skipping {name}: {str(error).removeprefix('error: ')}")
             continue
         values = []
         for start in range(0, len(prompts), args.eval_batch_size):

@@ -5,6 +5,7 @@ import importlib
 import itertools
 
 import pytest
+import torch
 import tyro
 
 from tests.conftest import tiny_args
@@ -124,3 +125,14 @@ def test_prompts_cut_at_the_token_limit_give_one_warning(tiny, script, one_torch
     warnings = [line for line in (output.out + output.err).splitlines() if "longer than the text encoder" in line]
     assert warnings == [f"warning: 2 of 3 prompts are longer than the text encoder's limit of 77 tokens and are cut "
                         f"to it, e.g. '{long_prompt[:50]}...'; shorten them"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_evaluation_reward_that_cannot_load_is_skipped_but_an_unknown_one_stops(script, capsys):
+    """Missing weights (or a missing package) cost the run one evaluation column, with a warning; a misspelt
+    name is a one-line error, not a silently missing column."""
+    module = importlib.import_module(script)
+    assert module.load_eval_rewards(["aesthetic=/nonexistent/weights"], torch.float32) == {}
+    assert "warning: skipping evaluation reward: could not load reward 'aesthetic'" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="^error: unknown reward 'pickscor'"):
+        module.load_eval_rewards(["pickscor"], torch.float32)
