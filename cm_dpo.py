@@ -1,8 +1,8 @@
 """CM-DPO: direct preference optimization of a latent consistency model on its sampling chains.
 
 Seed: "Aligning Consistency Models by Preference Optimization" (no public code; this is the first implementation).
-Every LCM step but the last is a Gaussian policy N(a_k f(x_k), s_k^2 I); f_ref is the UNet with its LoRA off.
-On a winner chain w and a loser chain l of one prompt (docs/cm_dpo.md has the derivation and the design):
+Each LCM step but the last is a Gaussian policy N(a_k f(x_k), s_k^2 I) (f_ref: the UNet with its LoRA off). On a
+winner chain w and a loser chain l of one prompt, from online_pairs or OfflinePairs (derivation: docs/cm_dpo.md):
 
     L     = -log sigmoid(beta * sum_k [r_k(w) - r_k(l)]) + con_weight * L_con         dpo_loss, CmDpoObjective
     r_k   = w_k / 2D * (||x_{k-1} - a_k f_ref(x_k)||^2 - ||x_{k-1} - a_k f(x_k)||^2)   step_log_ratio
@@ -11,20 +11,13 @@ On a winner chain w and a loser chain l of one prompt (docs/cm_dpo.md has the de
 
 r_k is a mean over the D latent dimensions, so beta means the same at every resolution. The seed's literal term
 (--dpo-form seed, step_divergence) is r_k's expectation, which pushes the WINNER away from the reference.
-Pairs: online_pairs (best and worst policy sample by --reward) or OfflinePairs (--pairs-file images).
 
 Run (GPU):  python cm_dpo.py --reward pickscore --train-steps 2000 --track   (or --pairs offline --pairs-file F.jsonl)
-Run (CPU, the tiny world built by `python -m tests.tiny_world /tmp/tiny`):
-    python cm_dpo.py --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic --resolution 32 --batch-size 2 \
-        --eval-rewards clipscore=/tmp/tiny/clip --num-inference-steps 4 --device cpu --mixed-precision no
+Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
 """
-
-from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
-import itertools
 import json
 import os
 import random
@@ -42,9 +35,6 @@ import torch.utils.checkpoint
 import tyro
 
 from common import REWARDS, load_reward, missing_local_directory
-
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-
 
 @dataclass
 class Args:
@@ -97,12 +87,6 @@ class Args:
     """AdamW weight decay on the LoRA weights"""
     max_grad_norm: float = 1.0
     """gradient clipping threshold (global L2 norm)"""
-
-    # model
-    model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub id or local directory of a LatentConsistencyModelPipeline"""
-    resolution: int = 512
-    """image side in pixels (the paper trains at 512)"""
     num_inference_steps: int = 8
     """K, the number of LCM sampling steps"""
     guidance_scale: float = 8.5
@@ -111,10 +95,14 @@ class Args:
     """LoRA rank on the UNet attention projections"""
     lora_alpha: int = 32
     """LoRA alpha (scale alpha / rank)"""
-    gradient_checkpointing: bool = True
-    """recompute each UNet call in the backward pass instead of storing its activations"""
 
     # general
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the paper trains at 512)"""
+    gradient_checkpointing: bool = True
+    """recompute each UNet call in the backward pass instead of storing its activations"""
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
     seed: int = 0
@@ -150,19 +138,9 @@ class Args:
     max_nonfinite_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"""
 
-    def __post_init__(self):
-        if self.beta is None:  # online pairs come from the policy itself: ~100x smaller margins (docs/cm_dpo.md)
-            self.beta = 0.3 if self.pairs == "offline" else 3.0
+    def __post_init__(self):  # online pairs come from the policy itself: ~100x smaller margins (docs/cm_dpo.md)
+        self.beta = (0.3 if self.pairs == "offline" else 3.0) if self.beta is None else self.beta
 
-
-# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
-# ranks, fixes the sample stream); every other flag may change on resume and takes effect
-RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
-             "seed", "global_batch", "grad_accum", "pairs", "pairs_file", "offline_chain", "samples_per_prompt",
-             "dpo_form", "last_step", "con_target")
-# what an out-of-memory error tells the user to change
-OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), lower --samples-per-prompt, keep "
-           "--gradient-checkpointing, or lower --resolution")
 
 # --------------------------------------------------------------------------------------------
 # ALGORITHM: the LCM sampling chain (identical in all four scripts)
@@ -675,8 +653,31 @@ def main(args: Args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# INFRASTRUCTURE (cm_dpo only): offline pair files
+# INFRASTRUCTURE (cm_dpo only): the flags that define a run, the checks of the flags, offline pair files
 # --------------------------------------------------------------------------------------------
+
+# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
+# ranks, fixes the sample stream); every other flag may change on resume and takes effect
+RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
+             "seed", "global_batch", "grad_accum", "pairs", "pairs_file", "offline_chain", "samples_per_prompt",
+             "dpo_form", "last_step", "con_target")
+# what an out-of-memory error tells the user to change
+OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), lower --samples-per-prompt, keep "
+           "--gradient-checkpointing, or lower --resolution")
+
+
+def validate(args: Args) -> None:
+    """Reject impossible settings with a one-line message before anything is loaded."""
+    validate_shared(args, [
+        (args.num_inference_steps == 1 and args.last_step != "smooth",
+         f"--last-step {args.last_step} leaves no step to compare with --num-inference-steps 1; use --last-step "
+         "smooth"),
+        (args.pairs == "offline" and not args.pairs_file,
+         "--pairs offline needs --pairs-file (JSONL of prompt, winner, loser)"),
+        (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {args.ema_decay})"),
+    ], beta="> 0", eps="> 0", samples_per_prompt=">= 2", reward_margin=">= 0", con_weight=">= 0",
+        last_step_multiplier=">= 0", dual_lr=">= 0", last_step_budget=">= 0")
+
 
 # offline pair images farther than this from a square of the training resolution are refused
 MAX_ASPECT = 4
@@ -891,13 +892,23 @@ class Run:
         """End the run with one line naming the checkpoint to resume from: the newest state whose weights gave a
         finite loss, saved unless a checkpoint of its step exists (never pruning)."""
         target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
-        if self.is_main and self.good and not (target / "training_state.pt").is_file():
-            set_lora(self.unet, self.good["lora"])
-            target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
+        if self.is_main and self.good:
+            self.set_aside_newer_checkpoints()
+            if not (target / "training_state.pt").is_file():
+                set_lora(self.unet, self.good["lora"])
+                target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
         if not target:
             raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
         raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
                          f"with --resume {target}")
+
+    def set_aside_newer_checkpoints(self) -> None:
+        """Rename checkpoints newer than the last weights with a finite loss to step_N.nonfinite: one saved right
+        after the update that broke the weights (no loss had shown it yet) must not be what --resume RUN_DIR picks."""
+        for path in sorted((self.run_dir / "checkpoints").glob("step_[0-9]*[0-9]")):
+            if int(path.name.removeprefix("step_")) > self.good["step"]:
+                path.rename(path.with_name(path.name + ".nonfinite"))
+                print(f"warning: {path} holds weights that gave no finite loss; renamed it {path.name}.nonfinite")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -939,7 +950,7 @@ class Run:
             save_image_grid(images, grid)
             self.scores = {f"eval/{name}": value.mean().item() for name, value in scores.items()}
             self.scored_step = step
-            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
+            print(f"eval {self.unit} {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
             # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
             self.log(self.scores, step, self.wandb and {"eval/samples": self.wandb.Image(
                 str(grid), caption=f"{self.unit} {step}: " + " | ".join(prompts))})
@@ -960,6 +971,7 @@ class Run:
         if self.in_a_row and self.good:
             set_lora(self.unet, self.good["lora"])
             if self.is_main:
+                self.set_aside_newer_checkpoints()
                 print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
                       f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
         if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
@@ -1095,6 +1107,9 @@ def read_text(path: Path, flag: str, fix: str) -> str:
     return text
 
 
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"  # the default training and evaluation prompts
+
+
 def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     path = Path(path)
     if not path.is_file():
@@ -1136,7 +1151,6 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-
 def global_mean(values: torch.Tensor, world_size: int) -> float:
     """Mean over every rank's values (nan where there are none, e.g. every online pair was a tie)."""
     total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
@@ -1145,15 +1159,12 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     return (total[0] / total[1]).item()
 
 
-
-
 def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
     """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, the run's script and flags, and
     the script's own state (extra)."""
     lora = {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
     return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
                           "grad_scaler": grad_scaler.state_dict(), **run, **extra})
-
 
 
 def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
@@ -1220,7 +1231,6 @@ def save_final(unet, run_dir: Path) -> Path:
                      "are lost: free disk space and train with --save-every")
 
 
-
 def find_checkpoint(path: Path) -> tuple[Path, dict]:
     """A checkpoint directory itself, or the newest readable one inside a run directory; with its training state."""
     candidates = [path] if (path / "training_state.pt").is_file() else sorted(
@@ -1271,6 +1281,11 @@ def check_writable(path: Path, flag: str) -> None:
 def lock_run_dir(run_dir: Path):
     """Lock run_dir/.lock while this process trains there; the OS releases it when the process ends, however
     it ends (a killed run leaves no stale lock). Returns the open lock file, to be kept referenced."""
+    try:
+        import fcntl
+    except ImportError:  # not on Unix (Windows): train unlocked
+        return None
+
     lock = (run_dir / ".lock").open("a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1290,7 +1305,7 @@ def new_run_dir(args, is_main: bool, world_size: int) -> Path:
     names = [None]
     if is_main:
         base = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-        for n in itertools.count(1):
+        for n in range(1, 1000):
             names = [str(base.with_name(base.name + (f"_{n}" if n > 1 else "")))]
             with contextlib.suppress(FileExistsError):
                 Path(names[0]).mkdir(parents=True)
@@ -1298,7 +1313,6 @@ def new_run_dir(args, is_main: bool, world_size: int) -> Path:
     if world_size > 1:
         dist.broadcast_object_list(names)
     return Path(names[0])
-
 
 
 def first_line(error: BaseException) -> str:
@@ -1344,7 +1358,6 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
-
 def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
     """README.md (a diffusers-style model card) and args.json beside the saved LoRA."""
     offline_pairs = getattr(args, "pairs", "online") == "offline"
@@ -1372,11 +1385,26 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
     (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
 
-def validate_shared(args) -> None:
-    """The checks every script makes identically: finite floats, seed and guidance ranges, local directories."""
+def validate_shared(args, problems: list = (), **bounds: str) -> None:
+    """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
+    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the
+    script's own problems as (failed, message) pairs, seed and guidance ranges, missing local directories."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not np.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
+    bounds = {"num_inference_steps": ">= 1", "train_steps": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1",
+              "eval_batch_size": ">= 1", "lr": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0; 0 switches the LoRA off",
+              "weight_decay": ">= 0", "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0",
+              "max_grad_norm": "> 0; 0 zeroes every update, a negative value reverses it", "resolution": ">= 1",
+              "checkpoint_limit": ">= 1", **bounds}
+    for name, spec in bounds.items():
+        bound, _, why = spec.partition("; ")
+        value, (relation, limit) = getattr(args, name), bound.split()
+        if not (value >= float(limit) if relation == ">=" else value > float(limit)):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"error: {message}")
     if not 0 <= args.seed < 2**32:
         raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
     if args.guidance_scale < 1:
@@ -1397,46 +1425,6 @@ def validate_shared(args) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
-
-
-def validate(args: Args) -> None:
-    """Reject impossible settings with a one-line message before anything is loaded."""
-    validate_shared(args)
-    problems = [
-        (args.beta <= 0, f"--beta must be > 0 (got {args.beta})"),
-        (args.eps <= 0, f"--eps must be > 0 (got {args.eps})"),
-        (args.num_inference_steps < 1, f"--num-inference-steps must be >= 1 (got {args.num_inference_steps})"),
-        (args.num_inference_steps == 1 and args.last_step != "smooth",
-         f"--last-step {args.last_step} leaves no step to compare with --num-inference-steps 1; use --last-step "
-         "smooth"),
-        (args.pairs == "offline" and not args.pairs_file,
-         "--pairs offline needs --pairs-file (JSONL of prompt, winner, loser)"),
-        (args.samples_per_prompt < 2, f"--samples-per-prompt must be >= 2 (got {args.samples_per_prompt})"),
-        (args.reward_margin < 0, f"--reward-margin must be >= 0 (got {args.reward_margin})"),
-        (args.con_weight < 0, f"--con-weight must be >= 0 (got {args.con_weight})"),
-        (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {args.ema_decay})"),
-        (args.last_step_multiplier < 0, f"--last-step-multiplier must be >= 0 (got {args.last_step_multiplier})"),
-        (args.dual_lr < 0, f"--dual-lr must be >= 0 (got {args.dual_lr})"),
-        (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),
-        (args.batch_size < 1, f"--batch-size must be >= 1 (got {args.batch_size})"),
-        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
-        (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
-        (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
-        (args.lora_rank < 1, f"--lora-rank must be >= 1 (got {args.lora_rank})"),
-        (args.lora_alpha <= 0, f"--lora-alpha must be > 0 (got {args.lora_alpha}; 0 switches the LoRA off)"),
-        (args.weight_decay < 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
-        (args.log_every < 1, f"--log-every must be >= 1 (got {args.log_every})"),
-        (args.eval_every < 0, f"--eval-every must be >= 0 (got {args.eval_every})"),
-        (args.save_every < 0, f"--save-every must be >= 0 (got {args.save_every})"),
-        (args.max_grad_norm <= 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm}; 0 zeroes every update, "
-                                  "a negative value reverses it)"),
-        (args.last_step_budget < 0, f"--last-step-budget must be >= 0 (got {args.last_step_budget})"),
-        (args.resolution < 1, f"--resolution must be positive (got {args.resolution})"),
-        (args.checkpoint_limit < 1, f"--checkpoint-limit must be >= 1 (got {args.checkpoint_limit})"),
-    ]
-    for failed, message in problems:
-        if failed:
-            raise SystemExit(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -17,17 +17,11 @@ the chain's own x_k, which depends on theta: the gradient follows x_k into it (-
 
 Run (GPU, real model):
     python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
-Run (CPU, the tiny offline world built by `python -m tests.tiny_world /tmp/tiny`):
-    python rocm_fdiv.py --divergence js --model /tmp/tiny/lcm --reward aesthetic=/tmp/tiny/aesthetic \
-        --eval-rewards clipscore=/tmp/tiny/clip --resolution 32 --device cpu --mixed-precision no
+Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
 """
-
-from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
-import itertools
 import json
 import os
 import random
@@ -45,9 +39,6 @@ import torch.utils.checkpoint
 import tyro
 
 from common import DIVERGENCES, REWARDS, gaussian_divergence, load_reward, missing_local_directory
-
-PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-
 
 @dataclass
 class Args:
@@ -78,12 +69,6 @@ class Args:
     """AdamW weight decay on the LoRA weights"""
     max_grad_norm: float = 1.0
     """gradient clipping threshold (global L2 norm)"""
-
-    # model
-    model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub id or local directory of a LatentConsistencyModelPipeline"""
-    resolution: int = 512
-    """image side in pixels (the paper trains at 512)"""
     num_inference_steps: int = 8
     """K, the number of LCM sampling steps"""
     guidance_scale: float = 8.5
@@ -92,12 +77,16 @@ class Args:
     """LoRA rank on the UNet attention projections"""
     lora_alpha: int = 32
     """LoRA alpha (scale alpha / rank)"""
+
+    # general
+    model: str = "SimianLuo/LCM_Dreamshaper_v7"
+    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    resolution: int = 512
+    """image side in pixels (the paper trains at 512)"""
     gradient_checkpointing: bool = True
     """recompute each UNet call in the backward pass instead of storing its activations"""
     checkpoint_decode: bool = False
     """also recompute the VAE decode and the reward in the backward pass (less memory at high resolution)"""
-
-    # general
     exp_name: str = Path(__file__).stem
     """name of this experiment (run directory and wandb run name)"""
     seed: int = 0
@@ -133,14 +122,6 @@ class Args:
     max_nonfinite_steps: int = 10
     """stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)"""
 
-
-# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
-# ranks, fixes the sample stream); every other flag may change on resume and takes effect
-RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
-             "seed", "global_batch", "grad_accum", "divergence", "reduction")
-# what an out-of-memory error tells the user to change
-OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), keep --gradient-checkpointing, add "
-           "--checkpoint-decode, or lower --resolution")
 
 # --------------------------------------------------------------------------------------------
 # ALGORITHM: the LCM sampling chain (identical in all four scripts)
@@ -444,6 +425,29 @@ def main(args: Args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# INFRASTRUCTURE (rocm_fdiv only): the flags that define a run, the checks of the flags
+# --------------------------------------------------------------------------------------------
+
+# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
+# ranks, fixes the sample stream); every other flag may change on resume and takes effect
+RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
+             "seed", "global_batch", "grad_accum", "divergence", "reduction")
+# what an out-of-memory error tells the user to change
+OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), keep --gradient-checkpointing, add "
+           "--checkpoint-decode, or lower --resolution")
+
+
+def validate(args: Args) -> None:
+    """Reject impossible settings with a one-line message before anything is loaded."""
+    validate_shared(args, [
+        (args.divergence not in DIVERGENCES,
+         f"unknown divergence '{args.divergence}'; choose one of: {', '.join(DIVERGENCES)}"),
+        (args.js_estimator != "quadrature" and args.divergence != "js",
+         f"--js-estimator applies to --divergence js only (got --divergence {args.divergence}); drop --js-estimator"),
+    ], beta=">= 0")
+
+
+# --------------------------------------------------------------------------------------------
 # INFRASTRUCTURE: loading, runs and checkpoints, ranks, evaluation and logging (identical in all four scripts)
 # --------------------------------------------------------------------------------------------
 
@@ -567,13 +571,23 @@ class Run:
         """End the run with one line naming the checkpoint to resume from: the newest state whose weights gave a
         finite loss, saved unless a checkpoint of its step exists (never pruning)."""
         target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
-        if self.is_main and self.good and not (target / "training_state.pt").is_file():
-            set_lora(self.unet, self.good["lora"])
-            target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
+        if self.is_main and self.good:
+            self.set_aside_newer_checkpoints()
+            if not (target / "training_state.pt").is_file():
+                set_lora(self.unet, self.good["lora"])
+                target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
         if not target:
             raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
         raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
                          f"with --resume {target}")
+
+    def set_aside_newer_checkpoints(self) -> None:
+        """Rename checkpoints newer than the last weights with a finite loss to step_N.nonfinite: one saved right
+        after the update that broke the weights (no loss had shown it yet) must not be what --resume RUN_DIR picks."""
+        for path in sorted((self.run_dir / "checkpoints").glob("step_[0-9]*[0-9]")):
+            if int(path.name.removeprefix("step_")) > self.good["step"]:
+                path.rename(path.with_name(path.name + ".nonfinite"))
+                print(f"warning: {path} holds weights that gave no finite loss; renamed it {path.name}.nonfinite")
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
@@ -615,7 +629,7 @@ class Run:
             save_image_grid(images, grid)
             self.scores = {f"eval/{name}": value.mean().item() for name, value in scores.items()}
             self.scored_step = step
-            print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
+            print(f"eval {self.unit} {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
             # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
             self.log(self.scores, step, self.wandb and {"eval/samples": self.wandb.Image(
                 str(grid), caption=f"{self.unit} {step}: " + " | ".join(prompts))})
@@ -636,6 +650,7 @@ class Run:
         if self.in_a_row and self.good:
             set_lora(self.unet, self.good["lora"])
             if self.is_main:
+                self.set_aside_newer_checkpoints()
                 print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
                       f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
         if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
@@ -771,6 +786,9 @@ def read_text(path: Path, flag: str, fix: str) -> str:
     return text
 
 
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"  # the default training and evaluation prompts
+
+
 def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     path = Path(path)
     if not path.is_file():
@@ -812,7 +830,6 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-
 def global_mean(values: torch.Tensor, world_size: int) -> float:
     """Mean over every rank's values (nan where there are none, e.g. every online pair was a tie)."""
     total = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
@@ -821,15 +838,12 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     return (total[0] / total[1]).item()
 
 
-
-
 def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
     """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, the run's script and flags, and
     the script's own state (extra)."""
     lora = {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
     return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
                           "grad_scaler": grad_scaler.state_dict(), **run, **extra})
-
 
 
 def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
@@ -896,7 +910,6 @@ def save_final(unet, run_dir: Path) -> Path:
                      "are lost: free disk space and train with --save-every")
 
 
-
 def find_checkpoint(path: Path) -> tuple[Path, dict]:
     """A checkpoint directory itself, or the newest readable one inside a run directory; with its training state."""
     candidates = [path] if (path / "training_state.pt").is_file() else sorted(
@@ -947,6 +960,11 @@ def check_writable(path: Path, flag: str) -> None:
 def lock_run_dir(run_dir: Path):
     """Lock run_dir/.lock while this process trains there; the OS releases it when the process ends, however
     it ends (a killed run leaves no stale lock). Returns the open lock file, to be kept referenced."""
+    try:
+        import fcntl
+    except ImportError:  # not on Unix (Windows): train unlocked
+        return None
+
     lock = (run_dir / ".lock").open("a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -966,7 +984,7 @@ def new_run_dir(args, is_main: bool, world_size: int) -> Path:
     names = [None]
     if is_main:
         base = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-        for n in itertools.count(1):
+        for n in range(1, 1000):
             names = [str(base.with_name(base.name + (f"_{n}" if n > 1 else "")))]
             with contextlib.suppress(FileExistsError):
                 Path(names[0]).mkdir(parents=True)
@@ -974,7 +992,6 @@ def new_run_dir(args, is_main: bool, world_size: int) -> Path:
     if world_size > 1:
         dist.broadcast_object_list(names)
     return Path(names[0])
-
 
 
 def first_line(error: BaseException) -> str:
@@ -1020,7 +1037,6 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
-
 def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
     """README.md (a diffusers-style model card) and args.json beside the saved LoRA."""
     offline_pairs = getattr(args, "pairs", "online") == "offline"
@@ -1048,11 +1064,26 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
     (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
 
 
-def validate_shared(args) -> None:
-    """The checks every script makes identically: finite floats, seed and guidance ranges, local directories."""
+def validate_shared(args, problems: list = (), **bounds: str) -> None:
+    """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
+    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the
+    script's own problems as (failed, message) pairs, seed and guidance ranges, missing local directories."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not np.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
+    bounds = {"num_inference_steps": ">= 1", "train_steps": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1",
+              "eval_batch_size": ">= 1", "lr": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0; 0 switches the LoRA off",
+              "weight_decay": ">= 0", "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0",
+              "max_grad_norm": "> 0; 0 zeroes every update, a negative value reverses it", "resolution": ">= 1",
+              "checkpoint_limit": ">= 1", **bounds}
+    for name, spec in bounds.items():
+        bound, _, why = spec.partition("; ")
+        value, (relation, limit) = getattr(args, name), bound.split()
+        if not (value >= float(limit) if relation == ">=" else value > float(limit)):
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"error: {message}")
     if not 0 <= args.seed < 2**32:
         raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
     if args.guidance_scale < 1:
@@ -1073,37 +1104,6 @@ def validate_shared(args) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
-
-
-def validate(args: Args) -> None:
-    """Reject impossible settings with a one-line message before anything is loaded."""
-    validate_shared(args)
-    problems = [
-        (args.divergence not in DIVERGENCES,
-         f"unknown divergence '{args.divergence}'; choose one of: {', '.join(DIVERGENCES)}"),
-        (args.js_estimator != "quadrature" and args.divergence != "js",
-         f"--js-estimator applies to --divergence js only (got --divergence {args.divergence}); drop --js-estimator"),
-        (args.beta < 0, f"--beta must be >= 0 (got {args.beta})"),
-        (args.num_inference_steps < 1, f"--num-inference-steps must be >= 1 (got {args.num_inference_steps})"),
-        (args.train_steps < 0, f"--train-steps must be >= 0 (got {args.train_steps})"),
-        (args.batch_size < 1, f"--batch-size must be >= 1 (got {args.batch_size})"),
-        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
-        (args.eval_batch_size < 1, f"--eval-batch-size must be >= 1 (got {args.eval_batch_size})"),
-        (args.lr <= 0, f"--lr must be > 0 (got {args.lr})"),
-        (args.lora_rank < 1, f"--lora-rank must be >= 1 (got {args.lora_rank})"),
-        (args.lora_alpha <= 0, f"--lora-alpha must be > 0 (got {args.lora_alpha}; 0 switches the LoRA off)"),
-        (args.weight_decay < 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
-        (args.log_every < 1, f"--log-every must be >= 1 (got {args.log_every})"),
-        (args.eval_every < 0, f"--eval-every must be >= 0 (got {args.eval_every})"),
-        (args.save_every < 0, f"--save-every must be >= 0 (got {args.save_every})"),
-        (args.max_grad_norm <= 0, f"--max-grad-norm must be > 0 (got {args.max_grad_norm}; 0 zeroes every update, "
-                                  "a negative value reverses it)"),
-        (args.resolution < 1, f"--resolution must be positive (got {args.resolution})"),
-        (args.checkpoint_limit < 1, f"--checkpoint-limit must be >= 1 (got {args.checkpoint_limit})"),
-    ]
-    for failed, message in problems:
-        if failed:
-            raise SystemExit(f"error: {message}")
 
 
 if __name__ == "__main__":

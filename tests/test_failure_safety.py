@@ -124,6 +124,22 @@ def test_guard_saves_the_state_before_the_update_that_broke_the_weights(tiny, ru
 
 
 @pytest.mark.slow
+def test_a_checkpoint_saved_after_the_breaking_update_is_set_aside(tiny, run_script):
+    """--save-every 1: step 1's checkpoint holds the weights its update broke (step 2's loss is the first to show
+    it). The stop renames it, so that --resume RUN_DIR continues from the last finite weights, not from it."""
+    result = run_script("rocm_kl.py", *tiny_args(tiny, steps=20), "--eval-rewards", "--lr", "1e10",
+                        "--max-nonfinite-steps", "2", "--save-every", "1")
+    assert result.returncode == 1, result.stderr[-3000:]
+    checkpoints = run_dir_of(result.stdout) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000000", "step_000001.nonfinite"]
+    assert f"warning: {checkpoints / 'step_000001'} holds weights that gave no finite loss" in result.stdout
+    assert result.stderr.strip().endswith(f"and continue with --resume {checkpoints / 'step_000000'}")
+    resumed = run_script("rocm_kl.py", *tiny_args(tiny, steps=1), "--eval-rewards", "--lr", "1e-3", "--resume",
+                         str(checkpoints.parent))
+    assert resumed.returncode == 0 and "resumed at step 0" in resumed.stdout, resumed.stdout[-2000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["rocm_kl.py", "rocm_fdiv.py", "rlcm_ppo.py", "cm_dpo.py"])
 def test_a_run_ending_in_a_non_finite_streak_saves_the_last_finite_weights(script, tiny, run_script):
     """Fewer non-finite steps than --max-nonfinite-steps at the end: the run finishes, but final/ must not hold the

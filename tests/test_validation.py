@@ -1,14 +1,16 @@
 """Flags every script shares: impossible values stop with one line naming the flag, before training."""
 
-import dataclasses
 import importlib
 import itertools
+import shlex
+import subprocess
+import typing
 
 import pytest
 import torch
 import tyro
 
-from tests.conftest import tiny_args
+from tests.conftest import REPO, tiny_args
 
 SCRIPTS = ["rocm_kl", "rocm_fdiv", "rlcm_ppo", "cm_dpo"]
 
@@ -79,7 +81,7 @@ def test_bad_input_stops_with_one_early_line(script, case, run_script, tmp_path)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_float_flag_refuses_nan_and_inf(script):
     module = importlib.import_module(script)
-    floats = [f.name for f in dataclasses.fields(module.Args) if f.type == "float"]
+    floats = [name for name, hint in typing.get_type_hints(module.Args).items() if hint is float]
     assert {"lr", "guidance_scale", "max_grad_norm"} <= set(floats)
     for name, value in itertools.product(floats, ["nan", "inf", "-inf"]):
         flag = "--" + name.replace("_", "-")
@@ -136,3 +138,16 @@ def test_an_evaluation_reward_that_cannot_load_is_skipped_but_an_unknown_one_sto
     assert "warning: skipping evaluation reward: could not load reward 'aesthetic'" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="^error: unknown reward 'pickscor'"):
         module.load_eval_rewards(["pickscor"], torch.float32)
+
+
+def test_the_readmes_cpu_command_of_every_script_parses_and_validates():
+    """The commands the scripts' docstrings point to: bash expands them (echo for python), each script's own
+    parser and checks take their flags, and their directories exist."""
+    block = (REPO / "README.md").read_text().split("## Each script on the CPU")[1].split("```bash\n")[1].split("```")[0]
+    expanded = subprocess.run(["bash", "-c", block.replace("python ", "echo ")], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    assert [line.split()[0] for line in expanded] == [f"{script}.py" for script in SCRIPTS]
+    for line in expanded:
+        script, *flags = shlex.split(line)
+        module = importlib.import_module(script.removesuffix(".py"))
+        module.validate(tyro.cli(module.Args, args=flags))
