@@ -1387,8 +1387,8 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
 
 def validate_shared(args, problems: list = (), **bounds: str) -> None:
     """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
-    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the
-    script's own problems as (failed, message) pairs, seed and guidance ranges, missing local directories."""
+    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), seed and
+    guidance ranges, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not np.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
@@ -1402,9 +1402,6 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
         value, (relation, limit) = getattr(args, name), bound.split()
         if not (value >= float(limit) if relation == ">=" else value > float(limit)):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
-    for failed, message in problems:
-        if failed:
-            raise SystemExit(f"error: {message}")
     if not 0 <= args.seed < 2**32:
         raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
     if args.guidance_scale < 1:
@@ -1417,6 +1414,8 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
     for flag, specs in (("--reward", [args.reward]), ("--eval-rewards", args.eval_rewards)):
         for spec in specs:
             name, _, path = spec.partition("=")
+            if name not in REWARDS:
+                raise SystemExit(f"error: unknown reward '{name}' in {flag}; choose one of: {', '.join(REWARDS)}")
             problem = missing_local_directory(path) if path and name != "imagereward" else None
             if problem:  # imagereward also takes a checkpoint file
                 raise SystemExit(f"error: could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
@@ -1425,6 +1424,9 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"error: {message}")
 
 
 if __name__ == "__main__":

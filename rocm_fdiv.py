@@ -38,7 +38,8 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 import tyro
 
-from common import DIVERGENCES, REWARDS, gaussian_divergence, load_reward, missing_local_directory
+from common import (DIFFERENTIABLE_REWARDS, DIVERGENCES, REWARDS, gaussian_divergence, load_reward,
+                    missing_local_directory)
 
 @dataclass
 class Args:
@@ -359,9 +360,6 @@ def main(args: Args) -> None:
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
     latent_shape = check_model(args, tokenizer, vae, unet, scheduler, train_prompts + eval_prompts, run.is_main)
     reward_fn = load_reward_spec(args.reward, device, run.dtype)
-    if not reward_fn.differentiable:
-        raise SystemExit(f"error: reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
-                         "(pickscore, hpsv2, clipscore, aesthetic) or use rlcm_ppo.py")
     eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
@@ -440,6 +438,9 @@ OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch),
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     validate_shared(args, [
+        (args.reward.partition("=")[0] not in DIFFERENTIABLE_REWARDS,
+         f"reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
+         f"({', '.join(DIFFERENTIABLE_REWARDS)}) or use rlcm_ppo.py"),
         (args.divergence not in DIVERGENCES,
          f"unknown divergence '{args.divergence}'; choose one of: {', '.join(DIVERGENCES)}"),
         (args.js_estimator != "quadrature" and args.divergence != "js",
@@ -1066,8 +1067,8 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
 
 def validate_shared(args, problems: list = (), **bounds: str) -> None:
     """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
-    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the
-    script's own problems as (failed, message) pairs, seed and guidance ranges, missing local directories."""
+    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), seed and
+    guidance ranges, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not np.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
@@ -1081,9 +1082,6 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
         value, (relation, limit) = getattr(args, name), bound.split()
         if not (value >= float(limit) if relation == ">=" else value > float(limit)):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
-    for failed, message in problems:
-        if failed:
-            raise SystemExit(f"error: {message}")
     if not 0 <= args.seed < 2**32:
         raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
     if args.guidance_scale < 1:
@@ -1096,6 +1094,8 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
     for flag, specs in (("--reward", [args.reward]), ("--eval-rewards", args.eval_rewards)):
         for spec in specs:
             name, _, path = spec.partition("=")
+            if name not in REWARDS:
+                raise SystemExit(f"error: unknown reward '{name}' in {flag}; choose one of: {', '.join(REWARDS)}")
             problem = missing_local_directory(path) if path and name != "imagereward" else None
             if problem:  # imagereward also takes a checkpoint file
                 raise SystemExit(f"error: could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
@@ -1104,6 +1104,9 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
         raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
     if args.resume and not Path(args.resume).is_dir():
         raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
+    for failed, message in problems:
+        if failed:
+            raise SystemExit(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """The committed digits world (world/digits): loads offline through the real loaders, and is really trained."""
 
-from pathlib import Path
-
 import pytest
 import torch
 

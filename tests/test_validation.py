@@ -2,6 +2,7 @@
 
 import importlib
 import itertools
+import re
 import shlex
 import subprocess
 import typing
@@ -151,3 +152,18 @@ def test_the_readmes_cpu_command_of_every_script_parses_and_validates():
         script, *flags = shlex.split(line)
         module = importlib.import_module(script.removesuffix(".py"))
         module.validate(tyro.cli(module.Args, args=flags))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reward_names_are_checked_before_any_model_loads(script, monkeypatch):
+    """A misspelt reward, or (ROCM) one without a gradient, stops in a line before the LCM loads, not minutes later."""
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module, "load_lcm", lambda *a: pytest.fail("the check came after the models loaded"))
+    cases = [(["--reward", "pickscor"], "unknown reward 'pickscor' in --reward; choose one of: pickscore,"),
+             (["--eval-rewards", "clipscore", "hps"], "unknown reward 'hps' in --eval-rewards")]
+    if script.startswith("rocm"):
+        cases.append((["--reward", "jpeg_compressibility"], "reward 'jpeg_compressibility' has no gradient; ROCM needs "
+                      "a differentiable reward (pickscore, hpsv2, clipscore, aesthetic) or use rlcm_ppo.py"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}"):
+            module.main(tyro.cli(module.Args, args=["--device", "cpu", *flags]))
