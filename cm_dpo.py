@@ -631,7 +631,7 @@ def main(args: Args) -> None:
         if grad_norm is not None and step % args.log_every == 0:
             metrics = {"train/loss": gathered("loss"), "train/loss_dpo": gathered("loss_dpo"),
                        "train/implicit_margin": gathered("margin"), "train/implicit_accuracy": gathered("accuracy"),
-                       "train/kept_pairs": gathered("keep"), "train/kl": gathered("kl")}
+                       "train/kept_pairs": gathered("keep"), "train/kl": gathered("kl"), "train/grad_norm": grad_norm}
             metrics["train/divergence"] = metrics["train/kl"]
             if args.con_weight > 0:
                 metrics["train/loss_con"] = gathered("loss_con")
@@ -639,7 +639,6 @@ def main(args: Args) -> None:
                 metrics.update({"train/reward": gathered("rewards"), "train/reward_gap": gathered("gaps")})
             if args.last_step == "constrain":
                 metrics.update({"train/last_step_gap": gathered("last_gap"), "train/multiplier": multiplier})
-            metrics["train/grad_norm"] = grad_norm
             run.log_step(step, metrics, (f"reward {metrics['train/reward']:.4f} " if online else "") +
                          f"loss_dpo {metrics['train/loss_dpo']:.4f} margin {metrics['train/implicit_margin']:.4f} "
                          f"accuracy {metrics['train/implicit_accuracy']:.2f} kl {metrics['train/kl']:.4f} loss "
@@ -1171,20 +1170,16 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
     """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it), with the
     training state if given. Written to a temporary directory and renamed: an interrupted save never leaves a
     half-written directory in place of a good one."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # LatentConsistencyModelPipeline's LoRA saver
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    from transformers.utils import logging as transformers_logging
 
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # importing the pipeline notes a missing torchvision: noise here
-    from diffusers import LatentConsistencyModelPipeline
-    transformers_logging.set_verbosity(verbosity)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
         shutil.rmtree(leftover, ignore_errors=True)
     # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader assumes
     # alpha = rank and applies the LoRA at rank / alpha of its trained strength
-    LatentConsistencyModelPipeline.save_lora_weights(
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
         save_directory=tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
     if training_state is not None:

@@ -851,20 +851,16 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
     """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it), with the
     training state if given. Written to a temporary directory and renamed: an interrupted save never leaves a
     half-written directory in place of a good one."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # LatentConsistencyModelPipeline's LoRA saver
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    from transformers.utils import logging as transformers_logging
 
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # importing the pipeline notes a missing torchvision: noise here
-    from diffusers import LatentConsistencyModelPipeline
-    transformers_logging.set_verbosity(verbosity)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
         shutil.rmtree(leftover, ignore_errors=True)
     # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader assumes
     # alpha = rank and applies the LoRA at rank / alpha of its trained strength
-    LatentConsistencyModelPipeline.save_lora_weights(
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
         save_directory=tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
     if training_state is not None:
