@@ -467,9 +467,8 @@ class Run:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.rank = dist.get_rank()
         self.is_main = self.rank == 0
-        self.record = {"script": Path(__file__).name,
-                       "args": {**asdict(args), "world_size": self.world_size,
-                                "global_batch": args.batch_size * self.world_size}}
+        self.record = {"script": Path(__file__).name, "args": {**asdict(args), "world_size": self.world_size,
+                                                               "global_batch": args.batch_size * self.world_size}}
         self.resumed, self.lock = prepare_run(args, self.record, self.is_main)
         self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
@@ -483,47 +482,42 @@ class Run:
     def begin(self, unet, optimizer, objective, batch_text: str):
         """Restore the --resume checkpoint (the script restores its own state from self.resumed) or make a new run
         directory; returns (the step it starts after, the objective wrapped for DDP)."""
-        self.unet, self.optimizer, start = unet, optimizer, 0
-        if self.resumed:
-            set_lora(unet, self.resumed["lora"])
-            optimizer.load_state_dict(self.resumed["optimizer"])
+        self.unet, self.optimizer, resumed, args = unet, optimizer, self.resumed or {}, self.args
+        if resumed:
+            set_lora(unet, resumed["lora"])
+            optimizer.load_state_dict(resumed["optimizer"])
             for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
-                group.update(lr=self.args.lr, weight_decay=self.args.weight_decay)
-            if self.resumed["grad_scaler"] and self.grad_scaler.is_enabled():  # a loss scale exists only under fp16
-                self.grad_scaler.load_state_dict(self.resumed["grad_scaler"])
-            start, self.run_dir = self.resumed["step"], self.resumed["path"].parent.parent
+                group.update(lr=args.lr, weight_decay=args.weight_decay)
+            if resumed["grad_scaler"] and self.grad_scaler.is_enabled():  # a loss scale exists only under fp16
+                self.grad_scaler.load_state_dict(resumed["grad_scaler"])
+            self.run_dir = resumed["path"].parent.parent
         else:
-            self.run_dir = new_run_dir(self.args, self.is_main, self.world_size)
+            self.run_dir = new_run_dir(args, self.is_main, self.world_size)
             self.lock = lock_run_dir(self.run_dir) if self.is_main else None
-        self.start_step, self.elapsed_before = start, (self.resumed or {}).get("elapsed_s", 0.0)
+        self.start_step, self.elapsed_before = resumed.get("step", 0), resumed.get("elapsed_s", 0.0)
         if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
             objective = torch.nn.parallel.DistributedDataParallel(
                 objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        if self.is_main:
-            # args.json keeps the flags the run started with; each resume appends its flags to resumes.jsonl
-            if self.resumed is None:
-                (self.run_dir / "args.json").write_text(json.dumps(asdict(self.args), indent=2))
-            else:
+        if self.is_main:  # args.json keeps the flags the run started with; each resume appends its own
+            if resumed:
                 with (self.run_dir / "resumes.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": start, "checkpoint": str(self.resumed["path"]),
-                                        "changed": self.resumed["changed"], "args": asdict(self.args)}) + "\n")
-                if self.resumed["changed"]:
-                    print("changed on resume: " + ", ".join(f"--{flag.replace('_', '-')} {old} -> {new}"
-                                                            for flag, (old, new) in self.resumed["changed"].items()))
-            print(f"run directory: {self.run_dir}" + (f" (resumed at {self.unit} {start})" if self.resumed else ""))
+                    f.write(json.dumps({"step": self.start_step, "checkpoint": str(resumed["path"]),
+                                        "changed": resumed["changed"], "args": asdict(args)}) + "\n")
+            else:
+                (self.run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+            print(f"run directory: {self.run_dir}" + (f" (resumed at {self.unit} {self.start_step})" * bool(resumed)))
             print(f"effective batch: {batch_text} per {self.unit}")
-            if self.args.track:  # a resumed run continues its wandb run, whose id is kept in the run directory
+            if args.track:  # a resumed run continues its wandb run, whose id is kept in the run directory
                 import wandb
 
                 id_file = self.run_dir / "wandb_run_id.txt"
-                wandb_run = wandb.init(project=self.args.wandb_project, entity=self.args.wandb_entity,
-                                       name=self.run_dir.name, config=asdict(self.args), resume="allow",
-                                       id=id_file.read_text().strip() if id_file.exists() else None)
-                id_file.write_text(wandb_run.id)
+                id_file.write_text(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),
+                                              name=self.run_dir.name, resume="allow",
+                                              id=id_file.read_text().strip() if id_file.exists() else None).id)
                 self.wandb = wandb
         self.loop_started = time.perf_counter()
-        return start, objective
+        return self.start_step, objective
 
     def state(self, step: int, **extra) -> dict:
         return training_state(step, self.unet, self.optimizer, self.grad_scaler,
@@ -617,18 +611,31 @@ class Run:
             metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log(metrics, step)
 
+    @torch.no_grad()
     def evaluate(self, step: int, sample, models, prompts: list[str], rewards: dict, latent_shape: tuple,
                  num_steps: int) -> None:
-        """Sample the held-out prompts (sample: the script's chain, without gradients), score them with every
-        evaluation reward, save the grid; log the means."""
+        """Sample the held-out prompts with a fixed seed (sample(latents, noises, embeds, w_embedding): the
+        script's chain -> final latents), score them with every evaluation reward, save the grid, log the means."""
         if self.is_main:
-            models[3].eval()
+            (tokenizer, text_encoder, vae, unet), args = models, self.args
+            unet.eval()
             print(f"evaluating {len(prompts)} prompts...", flush=True)
-            images, scores = evaluate(sample, models, prompts, rewards, latent_shape, num_steps, self.args.seed,
-                                      self.args.guidance_scale, self.args.eval_batch_size, self.device, self.autocast)
+            generator = torch.Generator(device=self.device).manual_seed(args.seed + 1_000_003)
+            images, scores = [], {name: [] for name in rewards}
+            for batch in (prompts[i:i + args.eval_batch_size] for i in range(0, len(prompts), args.eval_batch_size)):
+                latents, noises = draw_chain_noise((len(batch), *latent_shape), num_steps, generator, self.device)
+                with self.autocast:
+                    embeds = encode_prompts(tokenizer, text_encoder, batch)
+                    w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), self.device)
+                    images.append(decode(vae, sample(latents, noises, embeds, w)))
+                    for name, reward in rewards.items():  # kept on the CPU between evaluations
+                        scores[name].append(reward.to(self.device)(images[-1], batch).float().cpu())
+                images[-1] = images[-1].cpu()
+            for reward in rewards.values():
+                reward.to("cpu")
             grid = self.run_dir / "samples" / f"step_{step:06d}.png"
-            save_image_grid(images, grid)
-            self.scores = {f"eval/{name}": value.mean().item() for name, value in scores.items()}
+            save_image_grid(torch.cat(images), grid)
+            self.scores = {f"eval/{name}": torch.cat(values).mean().item() for name, values in scores.items()}
             self.scored_step = step
             print(f"eval {self.unit} {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
             # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
@@ -656,12 +663,11 @@ class Run:
                       f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
         if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
             flat = torch.cat([p.detach().reshape(-1) for p in params])
-            low, high = flat.clone(), flat.clone()
-            dist.all_reduce(low, op=dist.ReduceOp.MIN)
-            dist.all_reduce(high, op=dist.ReduceOp.MAX)
-            if not torch.equal(low, high):
-                raise SystemExit("error: the LoRA weights differ across ranks (max gap "
-                                 f"{(high - low).max().item():.3g})")
+            high, low = flat.clone(), -flat
+            for extreme in (high, low):
+                dist.all_reduce(extreme, op=dist.ReduceOp.MAX)
+            if not torch.equal(high, -low):
+                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high + low).max():.3g})")
             if self.is_main:
                 print(f"LoRA weights identical on all {self.world_size} ranks")
         if self.args.train_steps > self.start_step:
@@ -677,12 +683,10 @@ class Run:
 
 
 def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
-    """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1 does) when the hub cannot be reached.
-
-    Unreachable, every file download is retried with backoff, minutes per model; one TCP connection tells the same
-    in seconds. Skipped when HF_HUB_OFFLINE is set, when every source (NAME=PATH or a path) is local, and behind a
-    proxy. Must run before transformers or diffusers are imported: they read HF_HUB_OFFLINE at import.
-    """
+    """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1 does) when the hub cannot be reached: else every
+    download is retried with backoff, minutes per model. Skipped when HF_HUB_OFFLINE is set, when every source
+    (NAME=PATH or a path) is local, and behind a proxy. Must run before transformers or diffusers read
+    HF_HUB_OFFLINE at import."""
     import socket
     from urllib.parse import urlparse
 
@@ -717,9 +721,9 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
                              "SDXL-style LCMs are not supported (yet); pass an SD1.5-style LCM such as "
                              "SimianLuo/LCM_Dreamshaper_v7")
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
+        text_encoder, vae, unet = (cls.from_pretrained(model, subfolder=folder, torch_dtype=weight_dtype)
+                                   for cls, folder in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
+                                                       (UNet2DConditionModel, "unet")))
         scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     except Exception as error:  # hub and file errors come in many types; all mean the same here
         raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({first_line(error)}); pass --model "
@@ -765,12 +769,12 @@ def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
     return lora_params
 
 
+@torch.no_grad()
 def set_lora(unet, lora: dict) -> None:
     """Copy saved LoRA weights (name -> tensor) into the unet."""
     params = dict(unet.named_parameters())
-    with torch.no_grad():
-        for name, value in lora.items():
-            params[name].copy_(value)
+    for name, value in lora.items():
+        params[name].copy_(value)
 
 
 def read_text(path: Path, flag: str, fix: str) -> str:
@@ -935,11 +939,14 @@ def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]
         raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
     changed = {flag: [old, run["args"].get(flag)] for flag, old in state.get("args", {}).items()
                if old != run["args"].get(flag) and flag not in ("resume", "output_dir")}  # both unused on resume
+    spelled = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}  # the others as flags
+    names = {flag: spelled.get(flag, f"--{flag}".replace("_", "-")) for flag in changed}
     for flag in (flag for flag in RUN_FLAGS if flag in changed):
-        name = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}.get(flag, "--" + flag.replace("_", "-"))
-        raise SystemExit(f"error: '{checkpoint}' was trained with {name} {changed[flag][0]}, this run has "
+        raise SystemExit(f"error: '{checkpoint}' was trained with {names[flag]} {changed[flag][0]}, this run has "
                          f"{changed[flag][1]}; resume with the same value or start a new run")
     check_writable(checkpoint.parent.parent, "--resume")
+    if changed and is_main:
+        print("changed on resume: " + ", ".join(f"{names[f]} {old} -> {new}" for f, (old, new) in changed.items()))
     state.update(path=checkpoint, changed=changed)
     return state, lock_run_dir(checkpoint.parent.parent) if is_main else None
 
@@ -961,7 +968,6 @@ def lock_run_dir(run_dir: Path):
         import fcntl
     except ImportError:  # not on Unix (Windows): train unlocked
         return None
-
     lock = (run_dir / ".lock").open("a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -997,41 +1003,17 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-@torch.no_grad()
-def evaluate(sample, models, prompts: list[str], rewards: dict, latent_shape: tuple, num_steps: int, seed: int,
-             guidance_scale: float, batch_size: int, device, autocast):
-    """Sample the prompts with a fixed seed (sample(latents, noises, embeds, w_embedding) -> final latents) and
-    score the images with every reward; returns (images, {reward: scores})."""
-    tokenizer, text_encoder, vae, unet = models
-    generator = torch.Generator(device=device).manual_seed(seed + 1_000_003)
-    images, scores = [], {name: [] for name in rewards}
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        latents, noises = draw_chain_noise((len(batch), *latent_shape), num_steps, generator, device)
-        with autocast:
-            w_embedding = guidance_embedding(guidance_scale, unet.config.time_cond_proj_dim, len(batch), device)
-            images.append(decode(vae, sample(latents, noises, encode_prompts(tokenizer, text_encoder, batch),
-                                             w_embedding)))
-            for name, reward in rewards.items():
-                scores[name].append(reward.to(device)(images[-1], batch).float().cpu())
-        images[-1] = images[-1].cpu()
-    for reward in rewards.values():
-        reward.to("cpu")
-    return torch.cat(images), {name: torch.cat(values) for name, values in scores.items()}
-
-
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     from PIL import Image
 
-    images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     n, _, h, w = images.shape
     columns = min(columns, n)
-    grid = torch.zeros(3, (n + columns - 1) // columns * h, columns * w, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    rows = -(-n // columns)
+    pixels = torch.zeros(rows * columns, 3, h, w, dtype=torch.uint8)  # empty cells of the last row stay black
+    pixels[:n] = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    Image.fromarray(pixels.reshape(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3)
+                    .numpy()).save(path)
 
 
 def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
@@ -1048,8 +1030,8 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
     lines = ["---", f"base_model: {args.model}", "library_name: diffusers", "tags:", "- lora",
              "- latent-consistency-model", "- text-to-image", f"- {Path(__file__).stem}", "---", "",
              f"# {directory.parent.name}", "",
-             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.",
-             "", "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows.items()], "",
+             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.", "",
+             "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows.items()], "",
              *(evaluation if scores else ["No final evaluation was run."]), "", "Load it with diffusers:", "",
              "```python", "from diffusers import LatentConsistencyModelPipeline", "",
              f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
