@@ -11,7 +11,7 @@ of the final image is differentiable in the LoRA weights through all K steps. RO
     D_f of two equal-variance Gaussians  step_divergence (closed forms in common.gaussian_divergence)
     -R + beta * sum D_f, batch mean      rocm_loss; RocmObjective: chain, decode, reward and loss in one forward
 
-D_f: any of common.DIVERGENCES (none: the baseline). The joint KL is logged too (train/kl), so all runs share one axis.
+D_f: kl, reverse_kl, hellinger, js, fisher, tv, chi2, or none (the baseline); every run logs the joint KL (train/kl).
 
 Run (GPU):  python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
 Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
