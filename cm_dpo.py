@@ -154,23 +154,17 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
-    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
-    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    """Embedding of w = guidance_scale - 1, the LCM's guidance input, as LatentConsistencyModelPipeline computes it."""
     half = dim // 2
     frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    angles = w.float()[:, None] * frequencies[None, :]
-    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2 == 1:
-        embedding = torch.nn.functional.pad(embedding, (0, 1))
-    return embedding.to(device)
+    angles = torch.full((batch_size, 1), guidance_scale - 1.0) * 1000.0 * frequencies[None, :]
+    return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2)).to(device)
 
 
 @dataclass
 class ChainStep:
-    """One LCM step from timestep t. The coefficients are scalars on the sampling chain and (B, 1, 1, 1), with t
-    of shape (B,), where every sample has its own step. *_next: the noise towards the next timestep t', which
-    makes the step the Gaussian policy N(alpha_next f(x_t), sigma_next^2 I); None on the last, deterministic step."""
-
+    """One LCM step from timestep t: scalars on the chain, (B, 1, 1, 1) when t is (B,) (a step per sample). *_next:
+    the noise towards t', which makes the step the policy N(alpha_next f, sigma_next^2 I); None on the last step."""
     t: torch.Tensor
     alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
     sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
@@ -199,18 +193,15 @@ def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
 
 
 def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    """f(x_t), the LCM's clean-latent estimate, as LCMScheduler.step computes it."""
     eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
     x0_hat = (x - step.sigma * eps) / step.alpha
     return step.c_out * x0_hat + step.c_skip * x
 
 
 def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f_ref(x_t): the frozen base, which is the same UNet with its LoRA adapters switched off (never a copy).
-
-    The switch sits inside the function, so a gradient-checkpoint recomputation in the backward
-    pass recomputes the reference too, not the policy.
-    """
+    """f_ref(x_t): the frozen base, the same UNet with its LoRA off (never a copy). The switch sits inside the function,
+    so a gradient-checkpoint recomputation in the backward pass recomputes the reference too, not the policy."""
     unet.disable_adapters()
     try:
         return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
@@ -220,22 +211,19 @@ def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedd
 
 def unet_call(fn, checkpoint: bool, *inputs) -> torch.Tensor:
     """fn(*inputs), recomputed in the backward pass instead of storing its activations if checkpoint is set."""
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
-    return fn(*inputs)
+    checkpointed = checkpoint and torch.is_grad_enabled()
+    return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False) if checkpointed else fn(*inputs)
 
 
 def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
     """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
-    return latents, noises
+    draws = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps)]
+    return draws[0], draws[1:]
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,12 +11,9 @@ of the final image is differentiable in the LoRA weights through all K steps. RO
     D_f of two equal-variance Gaussians  step_divergence (closed forms in common.gaussian_divergence)
     -R + beta * sum D_f, batch mean      rocm_loss; RocmObjective: chain, decode, reward and loss in one forward
 
-D_f: kl, reverse_kl, hellinger, js, fisher, tv, chi2, or none (the baseline). The joint KL is logged too (train/kl,
-from the same reference pass), so runs with different regularizers share one axis. The reference's mean is taken at
-the chain's own x_k, which depends on theta: the gradient follows x_k into it (--reference-grad, the exact one).
+D_f: kl, reverse_kl, hellinger, js, fisher, tv, chi2, or none (the baseline); every run logs the joint KL (train/kl).
 
-Run (GPU, real model):
-    python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
+Run (GPU):  python rocm_fdiv.py --divergence hellinger --beta 1e-3 --reward pickscore --train-steps 2000 --track
 Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
 """
 
@@ -136,23 +133,17 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
-    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
-    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    """Embedding of w = guidance_scale - 1, the LCM's guidance input, as LatentConsistencyModelPipeline computes it."""
     half = dim // 2
     frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    angles = w.float()[:, None] * frequencies[None, :]
-    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2 == 1:
-        embedding = torch.nn.functional.pad(embedding, (0, 1))
-    return embedding.to(device)
+    angles = torch.full((batch_size, 1), guidance_scale - 1.0) * 1000.0 * frequencies[None, :]
+    return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2)).to(device)
 
 
 @dataclass
 class ChainStep:
-    """One LCM step from timestep t. The coefficients are scalars on the sampling chain and (B, 1, 1, 1), with t
-    of shape (B,), where every sample has its own step. *_next: the noise towards the next timestep t', which
-    makes the step the Gaussian policy N(alpha_next f(x_t), sigma_next^2 I); None on the last, deterministic step."""
-
+    """One LCM step from timestep t: scalars on the chain, (B, 1, 1, 1) when t is (B,) (a step per sample). *_next:
+    the noise towards t', which makes the step the policy N(alpha_next f, sigma_next^2 I); None on the last step."""
     t: torch.Tensor
     alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
     sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
@@ -181,18 +172,15 @@ def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
 
 
 def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    """f(x_t), the LCM's clean-latent estimate, as LCMScheduler.step computes it."""
     eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
     x0_hat = (x - step.sigma * eps) / step.alpha
     return step.c_out * x0_hat + step.c_skip * x
 
 
 def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f_ref(x_t): the frozen base, which is the same UNet with its LoRA adapters switched off (never a copy).
-
-    The switch sits inside the function, so a gradient-checkpoint recomputation in the backward
-    pass recomputes the reference too, not the policy.
-    """
+    """f_ref(x_t): the frozen base, the same UNet with its LoRA off (never a copy). The switch sits inside the function,
+    so a gradient-checkpoint recomputation in the backward pass recomputes the reference too, not the policy."""
     unet.disable_adapters()
     try:
         return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
@@ -202,22 +190,19 @@ def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedd
 
 def unet_call(fn, checkpoint: bool, *inputs) -> torch.Tensor:
     """fn(*inputs), recomputed in the backward pass instead of storing its activations if checkpoint is set."""
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
-    return fn(*inputs)
+    checkpointed = checkpoint and torch.is_grad_enabled()
+    return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False) if checkpointed else fn(*inputs)
 
 
 def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
     """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
-    return latents, noises
+    draws = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps)]
+    return draws[0], draws[1:]
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,77 +211,54 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def step_divergence(divergence: str, mean: torch.Tensor, reference_mean: torch.Tensor, std, reduction: str,
                     js_estimator: str, generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
-    """D_f(N(mean, std^2 I) || N(reference_mean, std^2 I)), one value per sample.
-
-    The sampled JS estimate draws each sample's noise from that sample's own generator (None: the
-    global one), so the draws depend on the sample alone: N ranks with batch b see what one process
-    with batch N*b sees, and a resumed run draws what the uninterrupted one drew.
-    """
+    """D_f(N(mean, std^2 I) || N(reference_mean, std^2 I)), one value per sample. The sampled JS estimate draws each
+    sample's noise from its own generator (None: the global one), so N ranks with batch b draw what one process with
+    batch N*b draws, and a resumed run what the uninterrupted one drew."""
     if divergence == "js" and js_estimator == "sampled":
-        generators = generators or [None] * mean.shape[0]
         return torch.cat([gaussian_divergence("js", m[None], r[None], std, reduction, "sampled", generator)
-                          for m, r, generator in zip(mean, reference_mean, generators)])
+                          for m, r, generator in zip(mean, reference_mean, generators or [None] * len(mean))])
     return gaussian_divergence(divergence, mean, reference_mean, std, reduction, js_estimator)
 
 
 def sample_chain(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
                  divergence: Optional[str] = None, reduction: str = "per_dim", js_estimator: str = "quadrature",
-                 generators: Optional[list[torch.Generator]] = None, reference_grad: bool = True,
-                 checkpoint: bool = False):
-    """Run the K-step chain with gradients; return (final latent x_0, per-sample sum of step divergences,
-    per-sample sum of step KLs).
+                 generators: Optional[list] = None, reference_grad: bool = True, checkpoint: bool = False):
+    """Run the K-step chain with gradients; return (x_0, per-sample sums of the step divergences and of the step KLs).
 
-    Given a divergence (even "none", whose value is 0: its runs log the KL too), the reference's mean
-    at every stochastic step comes from the frozen base at the same x_k; that one pass gives both the
-    chosen divergence (with gradient) and the joint KL (without, for logging). x_k depends on theta
-    through the earlier steps, and so does f_ref(x_k): reference_grad keeps that path, which makes
-    the divergence's gradient the exact gradient of the objective; without it the reference is a
-    constant at each x_k (no_grad, about a quarter cheaper per step), a biased surrogate whose error
-    is zero at the base and grows with the policy's distance from it. divergence=None (plain
-    sampling) skips the reference and returns zeros. The last step adds no noise, so it is no
-    policy step and contributes no divergence.
+    One reference pass per stochastic step (the frozen base at the chain's own x_k) gives the divergence, with gradient
+    ("none": 0, its runs log the KL too), and the joint KL, without; no divergence (plain sampling): no pass, zeros.
+    x_k depends on theta, and so does f_ref(x_k): reference_grad keeps that path, the exact gradient; without it
+    (no_grad, ~1/4 cheaper per step) a biased surrogate, exact at the base, whose error grows with the distance from it.
     """
     x = latents
-    total_divergence = torch.zeros(latents.shape[0], device=latents.device)
-    total_kl = torch.zeros(latents.shape[0], device=latents.device)
-    for k, step in enumerate(schedule):
-        denoised = unet_call(consistency_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
-        if step.alpha_next is None:
-            return denoised, total_divergence, total_kl
-        mean = step.alpha_next * denoised
+    total_divergence = total_kl = torch.zeros(latents.shape[0], device=latents.device)
+    for step, noise in zip(schedule[:-1], noises, strict=True):  # the last step adds no noise: no policy step, no D_f
+        mean = step.alpha_next * unet_call(consistency_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
         if divergence is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and reference_grad and divergence != "none"):
                 reference = unet_call(reference_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
-            mean_p, mean_q = mean.float(), (step.alpha_next * reference).float()
+            mean_p, mean_q, std = mean.float(), (step.alpha_next * reference).float(), step.sigma_next
             if divergence != "none":
-                value = step_divergence(divergence, mean_p, mean_q, step.sigma_next, reduction, js_estimator,
-                                        generators)
+                value = step_divergence(divergence, mean_p, mean_q, std, reduction, js_estimator, generators)
                 total_divergence = total_divergence + value
-            if divergence == "kl":  # per_dim kl is the joint kl, bit for bit
-                kl = value.detach()
-            else:
-                with torch.no_grad():
-                    kl = gaussian_divergence("kl", mean_p, mean_q, step.sigma_next)
+            with torch.no_grad():  # per_dim kl is the joint kl, bit for bit
+                kl = value.detach() if divergence == "kl" else gaussian_divergence("kl", mean_p, mean_q, std)
             total_kl = total_kl + kl
-        x = mean + step.sigma_next * noises[k]
-    raise AssertionError("the schedule has no final step")
+        x = mean + step.sigma_next * noise
+    final = unet_call(consistency_fn, checkpoint, unet, x, schedule[-1], prompt_embeds, w_embedding)
+    return final, total_divergence, total_kl
 
 
 def rocm_loss(rewards: torch.Tensor, divergence: torch.Tensor, beta: float) -> torch.Tensor:
-    """Negative regularized reward, averaged over the batch.
-
-    At beta 0 the divergence is only measured: leaving it out keeps an infinite one (chi2 far from
-    the base) from turning the loss into 0 * inf = nan.
-    """
+    """Negative regularized reward, averaged over the batch. At beta 0 the divergence is only measured: leaving it
+    out keeps an infinite one (chi2 far from the base) from turning the loss into 0 * inf = nan."""
     return (-rewards).mean() if beta == 0 else (-rewards + beta * divergence).mean()
 
 
 class RocmObjective(torch.nn.Module):
-    """The loss of one micro-batch as a single forward: the chain with gradients, decode, reward, divergence.
-
-    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward per backward
-    it expects, although the chain calls the UNet K times, plus reference passes and recomputations.
-    """
+    """The loss of one micro-batch as one forward (the chain with gradients, decode, reward, divergence): wrapped whole
+    in DistributedDataParallel, not the UNet, it gives DDP the one forward per backward it expects, although the
+    chain calls the UNet K times, plus reference passes and recomputations."""
 
     def __init__(self, tokenizer, text_encoder, vae, unet, reward_fn, schedule: list[ChainStep], beta: float,
                  reference_grad: bool = True, checkpoint: bool = True, checkpoint_decode: bool = False,
@@ -318,9 +280,6 @@ class RocmObjective(torch.nn.Module):
         return rocm_loss(rewards.float(), divergence, self.beta), rewards.float(), divergence, kl
 
 
-JS_STREAM = 1  # the last key of the seeds of the sampled JS estimate's noise
-
-
 def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size: int, rank: int, world_size: int,
                 latent_shape: tuple, num_steps: int, device):
     """This rank's slice of the global micro-batch: its prompts, initial latents and chain noise.
@@ -337,10 +296,11 @@ def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size
     noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
     return [chosen[i] for i in mine], latents, noises
 
+
 def js_generators(seed: int, step: int, micro: int, batch_size: int, rank: int, device) -> list[torch.Generator]:
-    """One generator per sample of this rank's micro-batch for the sampled JS estimate: seeded by the sample's
-    global index on a stream apart from the chain noise's, so ranks and resumed runs draw what one process draws."""
-    return [torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i, JS_STREAM))
+    """One generator per sample of this rank's micro-batch for the sampled JS estimate, seeded by its global index on
+    a stream (last key 1) apart from the chain noise's, so ranks and resumed runs draw what one process draws."""
+    return [torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i, 1))
             for i in range(rank * batch_size, (rank + 1) * batch_size)]
 
 
@@ -367,18 +327,14 @@ def main(args: Args) -> None:
     objective = RocmObjective(tokenizer, text_encoder, vae, unet, reward_fn, schedule, args.beta, args.reference_grad,
                               args.gradient_checkpointing, args.checkpoint_decode, args.divergence, args.reduction,
                               args.js_estimator)
-    sampled_js = args.divergence == "js" and args.js_estimator == "sampled"
     w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
     images_per_step = args.batch_size * args.grad_accum * run.world_size  # one reward query each
     start_step, objective = run.begin(unet, optimizer, objective, f"{args.batch_size} x {args.grad_accum} "
                                       f"accumulation x {run.world_size} ranks = {images_per_step} images")
 
-    def sample(latents, noises, embeds, w_embedding):  # the policy's final latents, for evaluation
-        return sample_chain(unet, latents, noises, schedule, embeds, w_embedding)[0]
-
-    def evaluate_now(step: int) -> None:
-        run.evaluate(step, sample, (tokenizer, text_encoder, vae, unet), eval_prompts, eval_rewards, latent_shape,
-                     len(schedule))
+    def evaluate_now(step: int) -> None:  # the policy's samples (its chain, no gradients) on the held-out prompts
+        run.evaluate(step, lambda x, noises, embeds, w: sample_chain(unet, x, noises, schedule, embeds, w)[0],
+                     (tokenizer, text_encoder, vae, unet), eval_prompts, eval_rewards, latent_shape, len(schedule))
 
     if args.divergence == "chi2":  # chi2 = exp(d2) - 1 overflows float32 once d2 passes 88
         run.nonfinite_fix += ", or a bounded --divergence (chi2 overflows far from the base)"
@@ -388,29 +344,25 @@ def main(args: Args) -> None:
         unet.train()
         started = time.perf_counter()
         run.snapshot(step - 1)  # the weights before this update, kept while they are the last with a finite loss
-        losses, rewards, divergences, kls, finite = [], [], [], [], True
+        measured, finite = [], True  # per micro-batch: (rewards, divergences, KLs, loss)
         # ---- sample and loss: the chain with gradients, the reward of the decoded image, the divergence to the base
         for micro in range(args.grad_accum):
             prompts, latents, noises = micro_batch(args.seed, train_prompts, step, micro, args.batch_size, run.rank,
                                                    run.world_size, latent_shape, len(schedule), device)
-            generators = js_generators(args.seed, step, micro, args.batch_size, run.rank, device) if sampled_js \
-                else None
+            generators = js_generators(args.seed, step, micro, args.batch_size, run.rank, device)  # sampled js only
             with run.backward_pass(objective, step, last=micro == args.grad_accum - 1):
                 with run.autocast:
                     loss, reward, divergence, kl = objective(prompts, latents, noises, w_embedding, generators)
                 finite &= torch.isfinite(loss).item()
                 run.grad_scaler.scale(loss / args.grad_accum).backward()
-            losses.append(loss.detach().reshape(1))
-            rewards.append(reward.detach())
-            divergences.append(divergence.detach())
-            kls.append(kl)
+            measured.append((reward.detach(), divergence.detach(), kl.detach(), loss.detach().reshape(1)))
         # ---- update: skipped on every rank together when a loss or a gradient is not finite
         grad_norm = run.update(step, finite, lora_params, args.max_grad_norm)
         step_time = time.perf_counter() - started
         # ---- log
         if grad_norm is not None and step % args.log_every == 0:
-            reward_mean, divergence_mean, kl_mean, loss_mean = (global_mean(torch.cat(values), run.world_size)
-                                                                for values in (rewards, divergences, kls, losses))
+            reward_mean, divergence_mean, kl_mean, loss_mean = (global_mean(torch.cat(v), run.world_size)
+                                                                for v in zip(*measured))
             run.log_step(step, {"train/reward": reward_mean, "train/divergence": divergence_mean, "train/kl": kl_mean,
                                 "train/loss": loss_mean, "train/grad_norm": grad_norm},
                          f"reward {reward_mean:.4f} {args.divergence}/{args.reduction} {divergence_mean:.4g} "
@@ -426,11 +378,9 @@ def main(args: Args) -> None:
 # INFRASTRUCTURE (rocm_fdiv only): the flags that define a run, the checks of the flags
 # --------------------------------------------------------------------------------------------
 
-# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
-# ranks, fixes the sample stream); every other flag may change on resume and takes effect
+# the flags --resume must find unchanged (global_batch = --batch-size x ranks fixes the samples); the rest may change
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "global_batch", "grad_accum", "divergence", "reduction")
-# what an out-of-memory error tells the user to change
 OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), keep --gradient-checkpointing, add "
            "--checkpoint-decode, or lower --resolution")
 
@@ -438,9 +388,8 @@ OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch),
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     validate_shared(args, [
-        (args.reward.partition("=")[0] not in DIFFERENTIABLE_REWARDS,
-         f"reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
-         f"({', '.join(DIFFERENTIABLE_REWARDS)}) or use rlcm_ppo.py"),
+        (args.reward.partition("=")[0] not in DIFFERENTIABLE_REWARDS, f"reward '{args.reward}' has no gradient; ROCM "
+         f"needs a differentiable reward ({', '.join(DIFFERENTIABLE_REWARDS)}) or use rlcm_ppo.py"),
         (args.divergence not in DIVERGENCES,
          f"unknown divergence '{args.divergence}'; choose one of: {', '.join(DIVERGENCES)}"),
         (args.js_estimator != "quadrature" and args.divergence != "js",

@@ -1,18 +1,15 @@
 """ROCM with KL regularization: reward backpropagated through the whole LCM sampling chain.
 
-Paper: "RLHF on Consistency Models" (ROCM). A latent consistency model samples in K steps; every step but the
-last is a Gaussian policy p_k(x_{k-1} | x_k, c) = N(alpha'_k f_theta(x_k), sigma'^2_k I). Reparameterized
-(x_{k-1} = alpha' f_theta(x_k) + sigma' z), the chain makes the final image's reward differentiable in the LoRA
-weights through all K steps. ROCM maximizes, with the frozen base (the UNet with its LoRA off) as reference,
+Paper: "RLHF on Consistency Models" (ROCM). Every LCM step but the last is a Gaussian policy p_k(x_{k-1} | x_k, c)
+= N(alpha'_k f_theta(x_k), sigma'^2_k I), reparameterized (x_{k-1} = alpha' f_theta(x_k) + sigma' z), so the reward
+of the final image is differentiable in the LoRA weights through all K steps. With the frozen base (the UNet with
+its LoRA off) as reference, ROCM maximizes
 
     J(theta) = E_z [ R(decode(x_0), c) - beta * sum_{k=1}^{K-1} KL(p_k(. | theta, x_k) || p_k(. | ref, x_k)) ]
 
     the chain x_K -> x_0 ........................ sample_chain (lcm_schedule, consistency_fn: the LCM's f)
     KL of two Gaussians with equal std .......... common.gaussian_divergence("kl"): ||alpha'(f - f_ref)||^2 / 2 sigma'^2
     -J, averaged over the batch ................. rocm_loss;  chain + decode + reward as one forward: RocmObjective
-
-Both means are taken at the chain's own x_k, which depends on theta; --reference-grad keeps that path through
-the reference too (the exact gradient of J).
 
 Run (GPU):  python rocm_kl.py --reward pickscore --beta 0.01 --train-steps 2000 --track
 Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
@@ -127,23 +124,17 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 
 def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
-    """Sinusoidal embedding of w = guidance_scale - 1 (scaled by 1000), the LCM's guidance input."""
-    w = torch.tensor(guidance_scale - 1).repeat(batch_size) * 1000.0
+    """Embedding of w = guidance_scale - 1, the LCM's guidance input, as LatentConsistencyModelPipeline computes it."""
     half = dim // 2
     frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    angles = w.float()[:, None] * frequencies[None, :]
-    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2 == 1:
-        embedding = torch.nn.functional.pad(embedding, (0, 1))
-    return embedding.to(device)
+    angles = torch.full((batch_size, 1), guidance_scale - 1.0) * 1000.0 * frequencies[None, :]
+    return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2)).to(device)
 
 
 @dataclass
 class ChainStep:
-    """One LCM step from timestep t. The coefficients are scalars on the sampling chain and (B, 1, 1, 1), with t
-    of shape (B,), where every sample has its own step. *_next: the noise towards the next timestep t', which
-    makes the step the Gaussian policy N(alpha_next f(x_t), sigma_next^2 I); None on the last, deterministic step."""
-
+    """One LCM step from timestep t: scalars on the chain, (B, 1, 1, 1) when t is (B,) (a step per sample). *_next:
+    the noise towards t', which makes the step the policy N(alpha_next f, sigma_next^2 I); None on the last step."""
     t: torch.Tensor
     alpha: torch.Tensor  # sqrt(alphas_cumprod[t])
     sigma: torch.Tensor  # sqrt(1 - alphas_cumprod[t])
@@ -172,18 +163,15 @@ def lcm_schedule(scheduler, num_steps: int, device) -> list[ChainStep]:
 
 
 def consistency_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f(x_t): the LCM's clean-latent estimate, c_out * x0_hat + c_skip * x with x0_hat from epsilon."""
+    """f(x_t), the LCM's clean-latent estimate, as LCMScheduler.step computes it."""
     eps = unet(x, step.t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding).sample
     x0_hat = (x - step.sigma * eps) / step.alpha
     return step.c_out * x0_hat + step.c_skip * x
 
 
 def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedding) -> torch.Tensor:
-    """f_ref(x_t): the frozen base, which is the same UNet with its LoRA adapters switched off (never a copy).
-
-    The switch sits inside the function, so a gradient-checkpoint recomputation in the backward
-    pass recomputes the reference too, not the policy.
-    """
+    """f_ref(x_t): the frozen base, the same UNet with its LoRA off (never a copy). The switch sits inside the function,
+    so a gradient-checkpoint recomputation in the backward pass recomputes the reference too, not the policy."""
     unet.disable_adapters()
     try:
         return consistency_fn(unet, x, step, prompt_embeds, w_embedding)
@@ -193,22 +181,19 @@ def reference_fn(unet, x: torch.Tensor, step: ChainStep, prompt_embeds, w_embedd
 
 def unet_call(fn, checkpoint: bool, *inputs) -> torch.Tensor:
     """fn(*inputs), recomputed in the backward pass instead of storing its activations if checkpoint is set."""
-    if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
-    return fn(*inputs)
+    checkpointed = checkpoint and torch.is_grad_enabled()
+    return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False) if checkpointed else fn(*inputs)
 
 
 def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) -> tuple[torch.Tensor, list]:
     """Initial latents, then one noise draw per stochastic step, in the pipeline's order."""
-    latents = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    noises = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps - 1)]
-    return latents, noises
+    draws = [torch.randn(shape, generator=generator, device=generator.device).to(device) for _ in range(num_steps)]
+    return draws[0], draws[1:]
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,30 +202,22 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def sample_chain(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
                  with_kl: bool = False, reference_grad: bool = True, checkpoint: bool = False):
-    """Run the K-step chain with gradients; return (final latent x_0, per-sample sum of step KLs).
+    """Run the K-step chain with gradients; return (final latent x_0, per-sample sum of step KLs, 0 without with_kl).
 
-    with_kl: at every stochastic step the reference's mean comes from the frozen base at the same x_k. x_k
-    depends on theta through the earlier steps, and so does f_ref(x_k): reference_grad keeps that path, which
-    makes the KL's gradient the exact gradient of the objective. Without it the reference is a constant at each
-    x_k (no_grad, about a quarter cheaper per step), a biased surrogate: its gradient misses
-    -beta (mean - mean_ref) J_ref dx_k/dtheta, a term that is zero at the base and grows with the policy's
-    distance from it. with_kl off (plain sampling) returns a zero KL. The last step adds no noise, so it is no
-    policy step and contributes no divergence.
+    The reference's mean is the frozen base's at the chain's own x_k, which depends on theta, and so does f_ref(x_k):
+    reference_grad keeps that path, the exact gradient; without it (no_grad, ~1/4 cheaper per step) the gradient
+    misses -beta (mean - mean_ref) J_ref dx_k/dtheta, a bias zero at the base that grows with the distance from it.
     """
-    x = latents
-    total_kl = torch.zeros(latents.shape[0], device=latents.device)
-    for k, step in enumerate(schedule):
-        denoised = unet_call(consistency_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
-        if step.alpha_next is None:
-            return denoised, total_kl
-        mean = step.alpha_next * denoised
+    x, total_kl = latents, torch.zeros(latents.shape[0], device=latents.device)
+    for step, noise in zip(schedule[:-1], noises, strict=True):  # the last step adds no noise: no policy step, no KL
+        mean = step.alpha_next * unet_call(consistency_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
         if with_kl:
             with torch.set_grad_enabled(torch.is_grad_enabled() and reference_grad):
                 reference = unet_call(reference_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
             total_kl = total_kl + gaussian_divergence("kl", mean.float(), (step.alpha_next * reference).float(),
                                                       step.sigma_next)
-        x = mean + step.sigma_next * noises[k]
-    raise AssertionError("the schedule has no final step")
+        x = mean + step.sigma_next * noise
+    return unet_call(consistency_fn, checkpoint, unet, x, schedule[-1], prompt_embeds, w_embedding), total_kl
 
 
 def rocm_loss(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
@@ -249,11 +226,9 @@ def rocm_loss(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Ten
 
 
 class RocmObjective(torch.nn.Module):
-    """The loss of one micro-batch as a single forward: the chain with gradients, decode, reward, KL.
-
-    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward per backward
-    it expects, although the chain calls the UNet K times, plus reference passes and recomputations.
-    """
+    """The loss of one micro-batch as one forward (the chain with gradients, decode, reward, KL): wrapped whole in
+    DistributedDataParallel, not the UNet, it gives DDP the one forward per backward it expects, although the chain
+    calls the UNet K times, plus reference passes and recomputations."""
 
     def __init__(self, tokenizer, text_encoder, vae, unet, reward_fn, schedule: list[ChainStep], beta: float,
                  reference_grad: bool = True, checkpoint: bool = True, checkpoint_decode: bool = False):
@@ -265,11 +240,9 @@ class RocmObjective(torch.nn.Module):
     def forward(self, prompts: list[str], latents, noises, w_embedding):
         """Returns (loss, per-sample rewards, per-sample KL)."""
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
-        # at beta 0 the KL is only measured (the run's drift from the base), without its gradient
         final, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding, with_kl=True,
                                  reference_grad=self.reference_grad and self.beta > 0, checkpoint=self.checkpoint)
-        if self.beta == 0:
-            kl = kl.detach()
+        kl = kl if self.beta > 0 else kl.detach()  # at beta 0 only measured (the drift from the base), no gradient
         rewards = unet_call(lambda z: self.reward_fn(decode(self.vae, z), prompts), self.checkpoint_decode, final)
         return rocm_loss(rewards.float(), kl, self.beta), rewards.float(), kl
 
@@ -318,12 +291,9 @@ def main(args: Args) -> None:
     start_step, objective = run.begin(unet, optimizer, objective, f"{args.batch_size} x {args.grad_accum} "
                                       f"accumulation x {run.world_size} ranks = {images_per_step} images")
 
-    def sample(latents, noises, embeds, w_embedding):  # the policy's final latents, for evaluation
-        return sample_chain(unet, latents, noises, schedule, embeds, w_embedding)[0]
-
-    def evaluate_now(step: int) -> None:
-        run.evaluate(step, sample, (tokenizer, text_encoder, vae, unet), eval_prompts, eval_rewards, latent_shape,
-                     len(schedule))
+    def evaluate_now(step: int) -> None:  # the policy's samples (its chain, no gradients) on the held-out prompts
+        run.evaluate(step, lambda x, noises, embeds, w: sample_chain(unet, x, noises, schedule, embeds, w)[0],
+                     (tokenizer, text_encoder, vae, unet), eval_prompts, eval_rewards, latent_shape, len(schedule))
 
     if start_step == 0:
         evaluate_now(0)
@@ -331,7 +301,7 @@ def main(args: Args) -> None:
         unet.train()
         started = time.perf_counter()
         run.snapshot(step - 1)  # the weights before this update, kept while they are the last with a finite loss
-        losses, rewards, kls, finite = [], [], [], True
+        measured, finite = [], True  # per micro-batch: (rewards, KLs, loss)
         # ---- sample and loss: the chain with gradients, the reward of the decoded image, the KL to the base
         for micro in range(args.grad_accum):
             prompts, latents, noises = micro_batch(args.seed, train_prompts, step, micro, args.batch_size, run.rank,
@@ -341,20 +311,16 @@ def main(args: Args) -> None:
                     loss, reward, kl = objective(prompts, latents, noises, w_embedding)
                 finite &= torch.isfinite(loss).item()
                 run.grad_scaler.scale(loss / args.grad_accum).backward()
-            losses.append(loss.detach().reshape(1))
-            rewards.append(reward.detach())
-            kls.append(kl.detach())
+            measured.append((reward.detach(), kl.detach(), loss.detach().reshape(1)))
         # ---- update: skipped on every rank together when a loss or a gradient is not finite
         grad_norm = run.update(step, finite, lora_params, args.max_grad_norm)
         step_time = time.perf_counter() - started
         # ---- log
         if grad_norm is not None and step % args.log_every == 0:
-            reward_mean, kl_mean, loss_mean = (global_mean(torch.cat(values), run.world_size)
-                                               for values in (rewards, kls, losses))
+            reward_mean, kl_mean, loss_mean = (global_mean(torch.cat(v), run.world_size) for v in zip(*measured))
             run.log_step(step, {"train/reward": reward_mean, "train/kl": kl_mean, "train/divergence": kl_mean,
-                                "train/loss": loss_mean, "train/grad_norm": grad_norm},
-                         f"reward {reward_mean:.4f} kl {kl_mean:.4f} loss {loss_mean:.4f}", step_time,
-                         images_per_step, images_per_step)
+                                "train/loss": loss_mean, "train/grad_norm": grad_norm}, f"reward {reward_mean:.4f} "
+                         f"kl {kl_mean:.4f} loss {loss_mean:.4f}", step_time, images_per_step, images_per_step)
         # ---- save and evaluate
         run.save(step)
         if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
@@ -366,11 +332,9 @@ def main(args: Args) -> None:
 # INFRASTRUCTURE (rocm_kl only): the flags that define a run, the checks of the flags
 # --------------------------------------------------------------------------------------------
 
-# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
-# ranks, fixes the sample stream); every other flag may change on resume and takes effect
+# the flags --resume must find unchanged (global_batch = --batch-size x ranks fixes the samples); the rest may change
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "global_batch", "grad_accum")
-# what an out-of-memory error tells the user to change
 OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), keep --gradient-checkpointing, add "
            "--checkpoint-decode, or lower --resolution")
 
@@ -378,9 +342,8 @@ OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch),
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     validate_shared(args, [
-        (args.reward.partition("=")[0] not in DIFFERENTIABLE_REWARDS,
-         f"reward '{args.reward}' has no gradient; ROCM needs a differentiable reward "
-         f"({', '.join(DIFFERENTIABLE_REWARDS)}) or use rlcm_ppo.py"),
+        (args.reward.partition("=")[0] not in DIFFERENTIABLE_REWARDS, f"reward '{args.reward}' has no gradient; ROCM "
+         f"needs a differentiable reward ({', '.join(DIFFERENTIABLE_REWARDS)}) or use rlcm_ppo.py"),
     ], beta=">= 0")
 
 
