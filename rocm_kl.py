@@ -11,7 +11,7 @@ its LoRA off) as reference, ROCM maximizes
     KL of two Gaussians with equal std .......... common.gaussian_divergence("kl"): ||alpha'(f - f_ref)||^2 / 2 sigma'^2
     -J, averaged over the batch ................. rocm_loss;  chain + decode + reward as one forward: RocmObjective
 
-Run (GPU):  python rocm_kl.py --reward pickscore --beta 0.01 --train-steps 2000 --track
+Run (GPU):  python rocm_kl.py --reward pickscore --beta 1e-4 --train-steps 2000 --track
 Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
 """
 
