@@ -15,7 +15,6 @@ Run (CPU, about a minute, on the embedded digits world): README.md, "Each script
 import contextlib
 import copy
 import json
-import math
 import os
 import random
 import shutil
@@ -225,9 +224,8 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def policy_step(scheduler, timesteps: torch.Tensor, steps: torch.Tensor, device) -> ChainStep:
-    """The step of each sample n at its stochastic step index steps[n] (timesteps: the schedule's t values).
-    Sampling and training both build their steps here, so the first ratio is exactly 1; the (B, 1, 1, 1) float32
-    coefficients keep f float32 under autocast (0-dim ones: bf16)."""
+    """Each sample n's step at its index steps[n] into the schedule's timesteps. Sampling and training both build
+    theirs here, so the first ratio is exactly 1; (B, 1, 1, 1) float32 coefficients keep f float32 under autocast."""
     return chain_step(scheduler, timesteps[steps], timesteps[steps + 1], device)
 
 
@@ -236,11 +234,10 @@ def policy_mean_std(unet, x, step: ChainStep, prompt_embeds, w_embedding):
     return step.alpha_next * consistency_fn(unet, x, step, prompt_embeds, w_embedding), step.sigma_next
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                      reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """log N(x; mean, std^2 I) per sample (float32), averaged or summed over dimensions."""
     x, mean, std = x.float(), mean.float(), torch.as_tensor(std, device=x.device).float()
-    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * np.log(2 * np.pi)
     return {"mean": log_prob.mean, "sum": log_prob.sum}[reduction](dim=tuple(range(1, x.ndim)))
 
 
@@ -258,8 +255,7 @@ def ppo_clipped_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advan
 
 @dataclass
 class Rollout:
-    """Sampled trajectories; per sample n and stochastic step k (0..K-2) the x before the step, the x it sampled
-    and that sample's log-prob under the sampling policy."""
+    """Sampled trajectories: per sample and stochastic step the x before it, the x it sampled and its log-prob."""
 
     prompts: list[str]
     prompt_embeds: torch.Tensor  # (N, L, D)
@@ -271,22 +267,18 @@ class Rollout:
     advantages: Optional[torch.Tensor] = None  # (N,)
 
     @staticmethod
-    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":
-        def join(values: list):  # None where a rollout has none yet (rewards, advantages)
-            if any(value is None for value in values):
-                return None
-            return sum(values, []) if isinstance(values[0], list) else torch.cat(values)
-        return Rollout(**{field.name: join([getattr(r, field.name) for r in rollouts]) for field in fields(Rollout)})
+    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":  # a field that some rollout lacks (advantages) stays None
+        tensors = {field.name: [getattr(r, field.name) for r in rollouts] for field in fields(Rollout)[1:]}
+        return Rollout([prompt for r in rollouts for prompt in r.prompts],
+                       **{name: None if any(t is None for t in ts) else torch.cat(ts) for name, ts in tensors.items()})
 
 
 @torch.no_grad()
 def sample_with_logprobs(unet, scheduler, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
                          prompts, reduction: str = "mean") -> Rollout:
-    """Run the K-step chain without gradients, keeping every stochastic step's (x_k, x_{k-1}, log-prob).
-
-    x_{k-1} = alpha' f(x_k) + sigma' z, as LatentConsistencyModelPipeline samples (bit-exact for the same noise);
-    the last step returns f(x_1) with no noise and is not recorded as an action.
-    """
+    """The K-step chain without gradients, keeping every stochastic step's (x_k, x_{k-1}, log-prob): x_{k-1} =
+    alpha' f(x_k) + sigma' z as LatentConsistencyModelPipeline samples (bit-exact for the same noise); the last step,
+    f(x_1) without noise, is no action."""
     xs, log_probs, batch = [latents], [], latents.shape[0]
     timesteps = torch.stack([step.t for step in schedule])
     for k in range(len(schedule) - 1):
@@ -301,18 +293,14 @@ def sample_with_logprobs(unet, scheduler, latents, noises, schedule: list[ChainS
 
 
 class PerPromptStatTracker:
-    """Per-prompt reward normalization (DDPO / RLCM), its state a plain JSON-serializable dict.
-
-    Every prompt keeps its last `buffer_size` rewards. A batch's rewards of a prompt are added to its buffer first;
-    if the buffer then holds at least `min_count` rewards they are normalized with the buffer's mean and
-    (population) std, else with the whole batch's mean and std.
-    """
+    """Per-prompt reward normalization (DDPO / RLCM), its state a JSON-serializable dict. A batch's rewards of a
+    prompt join its buffer (its last `buffer_size` rewards) first; once that holds `min_count` rewards they are
+    normalized with the buffer's mean and (population) std, before that with the whole batch's."""
 
     EPS = 1e-6  # added to the std, as in DDPO
 
     def __init__(self, buffer_size: int = 32, min_count: int = 16):
-        self.buffer_size, self.min_count = buffer_size, min_count
-        self.buffers: dict[str, list[float]] = {}
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
         self.last_per_prompt_fraction = 0.0  # share of the last batch normalized with its prompt's own stats
 
     def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
@@ -363,17 +351,15 @@ def global_max(values: torch.Tensor, world_size: int) -> float:
     return top.item()
 
 
-def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int,
-                    generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int, generator: torch.Generator) -> list:
     """A shuffled split of all (sample, step) pairs into minibatches of (sample indices, step indices)."""
     order = torch.randperm(num_samples * num_actions, generator=generator)
     return [(chunk // num_actions, chunk % num_actions) for chunk in order.split(train_batch_size)]
 
 
 def lr_factor(schedule: str, end_factor: float, iteration: int, iterations: int) -> float:
-    """The LR multiplier of iteration i (1..N): 1, or linear 1 - (1 - end_factor) i / N. RLCM steps its LinearLR
-    before each epoch of 10 iterations, so its epoch e trains at 1 - (e + 1) / 300: the same line, stepped per
-    iteration here."""
+    """The LR multiplier of iteration i (1..N): 1, or linear 1 - (1 - end_factor) i / N: RLCM's line (its LinearLR
+    steps before each epoch of 10 iterations: epoch e trains at 1 - (e + 1) / 300), stepped per iteration here."""
     return 1.0 if schedule == "constant" else 1.0 - (1.0 - end_factor) * iteration / max(iterations, 1)
 
 
@@ -401,14 +387,10 @@ def ppo_update(objective, rollout: Rollout, w_embedding: torch.Tensor, epochs: i
                backward_pass=lambda last: contextlib.nullcontext(), scale=lambda loss: loss,
                autocast=contextlib.nullcontext(), rank: int = 0) -> dict[str, list]:
     """One iteration's PPO update: `epochs` shuffled passes over the rollout's (sample, step) pairs in minibatches of
-    train_batch_size, an optimizer step every grad_accum minibatches (0: one per epoch).
-
-    optimizer_step(finite: all of the group's losses were) follows each group's backward passes; it applies or skips
-    the gradients, zeroes them and returns the gradient norm, None if it skipped (Run.update in main, clip_and_step
-    on one process). backward_pass(last) surrounds each minibatch's forward and backward (DDP: no_sync but on the
-    group's last); backward runs on scale(loss) (a GradScaler's scale). Returns per-minibatch stats, and grad_norm
-    per step taken.
-    """
+    train_batch_size, an optimizer step every grad_accum minibatches (0: one per epoch). optimizer_step(finite: all
+    the group's losses were) applies or skips the gradients, zeroes them and returns their norm, None if it skipped
+    (Run.update in main, clip_and_step on one process); backward_pass(last) surrounds each forward and backward (DDP:
+    no_sync but on the group's last); backward runs on scale(loss). Returns per-minibatch stats, grad_norm per step."""
     (num_samples, num_actions), device = rollout.log_probs.shape, rollout.latents.device
     stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_deviation": [], "grad_norm": []}
     for epoch in range(epochs):
