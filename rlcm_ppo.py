@@ -268,7 +268,7 @@ class Rollout:
 
     @staticmethod
     def cat(rollouts: Sequence["Rollout"]) -> "Rollout":  # a field that some rollout lacks (advantages) stays None
-        tensors = {field.name: [getattr(r, field.name) for r in rollouts] for field in fields(Rollout)[1:]}
+        tensors = {f.name: [getattr(r, f.name) for r in rollouts] for f in fields(Rollout) if f.name != "prompts"}
         return Rollout([prompt for r in rollouts for prompt in r.prompts],
                        **{name: None if any(t is None for t in ts) else torch.cat(ts) for name, ts in tensors.items()})
 
@@ -317,9 +317,8 @@ class PerPromptStatTracker:
         self.last_per_prompt_fraction = per_prompt / max(len(values), 1)
         return torch.as_tensor(advantages, dtype=torch.float32, device=rewards.device)
 
-    def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
+    def state_dict(self) -> dict:  # update replaces a buffer, never changes it: the lists can be shared
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "buffers": dict(self.buffers)}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
@@ -468,8 +467,7 @@ def main(args: Args) -> None:
     objective = PpoObjective(unet, scheduler, schedule, args.clip_range, args.logprob_reduction)
     sample_w, train_w = (guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, n, device)
                          for n in (args.batch_size, args.train_batch_size))
-    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) if args.per_prompt_stat_tracking \
-        else None
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)  # used if --per-prompt-stat-tracking
     num_samples = args.batch_size * args.sample_batches  # per rank and iteration
     images = num_samples * run.world_size  # per iteration, each scored once
     accumulation = args.grad_accum or num_samples * (args.num_inference_steps - 1) // args.train_batch_size
@@ -478,7 +476,7 @@ def main(args: Args) -> None:
                                  f"{args.train_batch_size * accumulation * run.world_size} pairs per optimizer step; "
                                  f"{args.batch_size} x {args.sample_batches} sampling batches x {run.world_size} "
                                  f"ranks = {images} images")
-    if tracker and (run.resumed or {}).get("stat_tracker"):
+    if (run.resumed or {}).get("stat_tracker"):
         tracker.load_state_dict(run.resumed["stat_tracker"])
 
     def sample(latents, noises, embeds, w_embedding):  # the policy's K-step chain without gradients, for evaluation
@@ -493,7 +491,7 @@ def main(args: Args) -> None:
     for iteration in range(start + 1, args.train_steps + 1):
         started = time.perf_counter()
         # the weights before this iteration's first update, kept while they are the last with a finite loss
-        run.snapshot(iteration - 1, stat_tracker=tracker and tracker.state_dict())
+        run.snapshot(iteration - 1, stat_tracker=tracker.state_dict())
         # ---- sample: every stochastic step's log-prob, the rewards, advantages normalized over all ranks' samples
         rollouts = []
         for batch_index in range(args.sample_batches):
@@ -506,11 +504,11 @@ def main(args: Args) -> None:
                 rollouts[-1].rewards = reward_fn(decode(vae, rollouts[-1].final_latents), prompts).float()
         rollout = Rollout.cat(rollouts)
         all_rewards, all_prompts = gather_rewards(rollout.rewards, rollout.prompts, run.world_size)
-        all_advantages = compute_advantages(all_rewards, all_prompts, tracker, args.adv_clip)
-        rollout.advantages = all_advantages[run.rank * num_samples:(run.rank + 1) * num_samples]
+        advantages = compute_advantages(all_rewards, all_prompts, args.per_prompt_stat_tracking and tracker,
+                                        args.adv_clip)
+        rollout.advantages = advantages[run.rank * num_samples:(run.rank + 1) * num_samples]
         sampling_time = time.perf_counter() - started
-        # ---- loss and update: PPO epochs over shuffled (sample, step) minibatches; the LR is a function of the
-        # iteration alone, so --resume continues it; a step is skipped on every rank if a loss or gradient is not finite
+        # ---- update: PPO epochs at the iteration's LR (--resume continues it); non-finite steps skipped on all ranks
         optimizer.param_groups[0]["lr"] = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration,
                                                               args.train_steps)
         stats = ppo_update(objective, rollout, train_w, args.ppo_epochs, args.train_batch_size, args.grad_accum,
@@ -525,8 +523,8 @@ def main(args: Args) -> None:
                        for name in ("loss", "approx_kl", "clip_fraction", "grad_norm")}
             metrics.update({
                 "train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std(unbiased=False).item(),
-                "train/advantage_abs": all_advantages.abs().mean().item(),
-                "train/per_prompt_fraction": tracker.last_per_prompt_fraction if tracker else 0.0,
+                "train/advantage_abs": advantages.abs().mean().item(),
+                "train/per_prompt_fraction": tracker.last_per_prompt_fraction,
                 "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), run.world_size),
                 "train/lr": optimizer.param_groups[0]["lr"], "train/optimizer_steps": len(stats["grad_norm"]),
                 "train/skipped_steps": run.skipped, "perf/sampling_time_s": sampling_time})
@@ -534,7 +532,7 @@ def main(args: Args) -> None:
                          "{train/approx_kl:.3g} clip_fraction {train/clip_fraction:.3f}".format_map(metrics),
                          step_time, images, images)
         # ---- save and evaluate
-        run.save(iteration, stat_tracker=tracker and tracker.state_dict())
+        run.save(iteration, stat_tracker=tracker.state_dict())
         if args.eval_every and iteration % args.eval_every == 0 and iteration != args.train_steps:
             evaluate_now(iteration)
     run.finish(lora_params, lambda: evaluate_now(args.train_steps))
