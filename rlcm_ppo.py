@@ -414,8 +414,7 @@ def ppo_update(objective, rollout: Rollout, w_embedding: torch.Tensor, epochs: i
 
 
 def clip_and_step(optimizer, params: list[torch.nn.Parameter], max_grad_norm: float):
-    """ppo_update's optimizer_step for one process without a loss scale: clip, step unless a loss or the gradient
-    is not finite, zero the gradients; returns the gradient norm, None if it skipped."""
+    """ppo_update's optimizer_step on one process without a loss scale (main's is Run.update): clip, step if finite."""
     def step(finite: bool) -> Optional[float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         finite = finite and torch.isfinite(grad_norm).item()
@@ -490,8 +489,7 @@ def main(args: Args) -> None:
         evaluate_now(0)
     for iteration in range(start + 1, args.train_steps + 1):
         started = time.perf_counter()
-        # the weights before this iteration's first update, kept while they are the last with a finite loss
-        run.snapshot(iteration - 1, stat_tracker=tracker.state_dict())
+        run.snapshot(iteration - 1, stat_tracker=tracker.state_dict())  # kept while the last with a finite loss
         # ---- sample: every stochastic step's log-prob, the rewards, advantages normalized over all ranks' samples
         rollouts = []
         for batch_index in range(args.sample_batches):
