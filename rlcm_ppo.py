@@ -521,11 +521,10 @@ def main(args: Args) -> None:
                        for name in ("loss", "approx_kl", "clip_fraction", "grad_norm")}
             metrics.update({
                 "train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std(unbiased=False).item(),
-                "train/advantage_abs": advantages.abs().mean().item(),
-                "train/per_prompt_fraction": tracker.last_per_prompt_fraction,
+                "train/advantage_abs": advantages.abs().mean().item(), "perf/sampling_time_s": sampling_time,
+                "train/per_prompt_fraction": tracker.last_per_prompt_fraction, "train/skipped_steps": run.skipped,
                 "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), run.world_size),
-                "train/lr": optimizer.param_groups[0]["lr"], "train/optimizer_steps": len(stats["grad_norm"]),
-                "train/skipped_steps": run.skipped, "perf/sampling_time_s": sampling_time})
+                "train/lr": optimizer.param_groups[0]["lr"], "train/optimizer_steps": len(stats["grad_norm"])})
             run.log_step(iteration, metrics, "reward {train/reward:.4f} +- {train/reward_std:.4f} approx_kl "
                          "{train/approx_kl:.3g} clip_fraction {train/clip_fraction:.3f}".format_map(metrics),
                          step_time, images, images)
