@@ -15,14 +15,12 @@ Run (CPU, about a minute, on the embedded digits world): README.md, "Each script
 import contextlib
 import copy
 import json
-import math
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
@@ -214,11 +212,8 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def policy_step(scheduler, timesteps: torch.Tensor, steps: torch.Tensor, device) -> ChainStep:
-    """The step of each sample n at its stochastic step index steps[n] (timesteps: the schedule's t values).
-
-    Sampling and training both build their steps here, so a (sample, step) pair sees the same arithmetic and the
-    first ratio is exactly 1; the (B, 1, 1, 1) float32 coefficients keep f float32 under autocast (0-dim ones: bf16).
-    """
+    """Each sample n's step at its index steps[n] into the schedule's timesteps. Sampling and training both build
+    theirs here, so the first ratio is exactly 1; (B, 1, 1, 1) float32 coefficients keep f float32 under autocast."""
     return chain_step(scheduler, timesteps[steps], timesteps[steps + 1], device)
 
 
@@ -227,190 +222,137 @@ def policy_mean_std(unet, x, step: ChainStep, prompt_embeds, w_embedding):
     return step.alpha_next * consistency_fn(unet, x, step, prompt_embeds, w_embedding), step.sigma_next
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                      reduction: str = "mean") -> torch.Tensor:
-    """log N(x; mean, std^2 I) per sample (float32), averaged ("mean") or summed ("sum") over dimensions."""
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample (float32), averaged or summed over dimensions."""
     x, mean, std = x.float(), mean.float(), torch.as_tensor(std, device=x.device).float()
-    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
-    dims = tuple(range(1, x.ndim))
-    if reduction == "mean":
-        return log_prob.mean(dim=dims)
-    if reduction == "sum":
-        return log_prob.sum(dim=dims)
-    raise ValueError(f"unknown log-prob reduction '{reduction}'; choose mean or sum")
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * np.log(2 * np.pi)
+    return {"mean": log_prob.mean, "sum": log_prob.sum}[reduction](dim=tuple(range(1, x.ndim)))
 
 
 def ppo_clipped_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                      clip_range: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate as a loss: mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)).
-
-    Returns (loss, stats) with stats: ratio (detached), approx_kl = mean of (log r)^2 / 2, and
-    clip_fraction = share of |r - 1| > eps.
-    """
+    """PPO's clipped surrogate as a loss, the mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)); stats: the ratio
+    (detached), approx_kl = mean of (log r)^2 / 2, clip_fraction = share of |r - 1| > eps."""
     log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)).mean()
     with torch.no_grad():
-        stats = {"ratio": ratio.detach(), "approx_kl": 0.5 * log_ratio.square().mean(),
-                 "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean()}
-    return loss, stats
+        return loss, {"ratio": ratio.detach(), "approx_kl": 0.5 * log_ratio.square().mean(),
+                      "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean()}
 
 
 @dataclass
 class Rollout:
-    """Sampled trajectories. Per sample n and stochastic step k (0..K-2): latents[n, k] = x before
-    step k, next_latents[n, k] = the sampled x after it, log_probs[n, k] = its log-prob under the
-    sampling policy."""
+    """Sampled trajectories: per sample and stochastic step the x before it, the x it sampled and its log-prob."""
 
     prompts: list[str]
     prompt_embeds: torch.Tensor  # (N, L, D)
-    latents: torch.Tensor  # (N, K-1, C, H, W)
-    next_latents: torch.Tensor  # (N, K-1, C, H, W)
+    latents: torch.Tensor  # (N, K-1, C, H, W), x before each stochastic step
+    next_latents: torch.Tensor  # (N, K-1, C, H, W), x after it
     log_probs: torch.Tensor  # (N, K-1)
     final_latents: torch.Tensor  # (N, C, H, W), the deterministic last step's output
     rewards: Optional[torch.Tensor] = None  # (N,)
     advantages: Optional[torch.Tensor] = None  # (N,)
 
     @staticmethod
-    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":
-        def join(name):
-            values = [getattr(r, name) for r in rollouts]
-            return None if any(v is None for v in values) else torch.cat(values)
-        return Rollout(prompts=[p for r in rollouts for p in r.prompts],
-                       **{name: join(name) for name in ("prompt_embeds", "latents", "next_latents", "log_probs",
-                                                         "final_latents", "rewards", "advantages")})
+    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":  # a field that some rollout lacks (advantages) stays None
+        tensors = {f.name: [getattr(r, f.name) for r in rollouts] for f in fields(Rollout) if f.name != "prompts"}
+        return Rollout([prompt for r in rollouts for prompt in r.prompts],
+                       **{name: None if any(t is None for t in ts) else torch.cat(ts) for name, ts in tensors.items()})
 
 
 @torch.no_grad()
 def sample_with_logprobs(unet, scheduler, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
                          prompts, reduction: str = "mean") -> Rollout:
-    """Run the K-step chain without gradients, keeping every stochastic step's (x_k, x_{k-1}, log-prob).
-
-    x_{k-1} = alpha' f(x_k) + sigma' z, as LatentConsistencyModelPipeline samples (bit-exact for the same noise);
-    the last step returns f(x_1) with no noise and is not recorded as an action.
-    """
-    x, batch = latents, latents.shape[0]
+    """The K-step chain without gradients, keeping every stochastic step's (x_k, x_{k-1}, log-prob): x_{k-1} =
+    alpha' f(x_k) + sigma' z as LatentConsistencyModelPipeline samples (bit-exact for the same noise); the last step,
+    f(x_1) without noise, is no action."""
+    xs, log_probs, batch = [latents], [], latents.shape[0]
     timesteps = torch.stack([step.t for step in schedule])
-    before, after, log_probs = [], [], []
     for k in range(len(schedule) - 1):
-        step = policy_step(scheduler, timesteps, torch.full((batch,), k, device=timesteps.device), x.device)
-        mean, std = policy_mean_std(unet, x, step, prompt_embeds, w_embedding)
-        next_x = (mean + std * noises[k]).float()
-        before.append(x)
-        after.append(next_x)
-        log_probs.append(gaussian_log_prob(next_x, mean, std, reduction))
-        x = next_x
-    last = chain_step(scheduler, timesteps[-1].repeat(batch), None, x.device)
-    final = consistency_fn(unet, x, last, prompt_embeds, w_embedding).float()
-    empty = latents.new_zeros((batch, 0, *latents.shape[1:]))
-    return Rollout(prompts=list(prompts), prompt_embeds=prompt_embeds,
-                   latents=torch.stack(before, 1) if before else empty,
-                   next_latents=torch.stack(after, 1) if after else empty,
-                   log_probs=torch.stack(log_probs, 1) if log_probs else latents.new_zeros((batch, 0)),
-                   final_latents=final)
+        step = policy_step(scheduler, timesteps, torch.full((batch,), k, device=timesteps.device), latents.device)
+        mean, std = policy_mean_std(unet, xs[-1], step, prompt_embeds, w_embedding)
+        xs.append((mean + std * noises[k]).float())
+        log_probs.append(gaussian_log_prob(xs[-1], mean, std, reduction))
+    last = chain_step(scheduler, timesteps[-1].repeat(batch), None, latents.device)
+    final = consistency_fn(unet, xs[-1], last, prompt_embeds, w_embedding).float()
+    return Rollout(list(prompts), prompt_embeds, latents=torch.stack(xs[:-1], 1), next_latents=torch.stack(xs[1:], 1),
+                   log_probs=torch.stack(log_probs, 1), final_latents=final)
 
 
 class PerPromptStatTracker:
-    """Per-prompt reward normalization (DDPO / RLCM), its state a plain JSON-serializable dict.
-
-    Every prompt keeps its last `buffer_size` rewards. A batch's rewards of a prompt are added to
-    its buffer first; if the buffer then holds at least `min_count` rewards they are normalized with
-    the buffer's mean and (population) std, else with the whole batch's mean and std.
-    """
+    """Per-prompt reward normalization (DDPO / RLCM), its state a JSON-serializable dict. A batch's rewards of a
+    prompt join its buffer (its last `buffer_size` rewards) first; once that holds `min_count` rewards they are
+    normalized with the buffer's mean and (population) std, before that with the whole batch's."""
 
     EPS = 1e-6  # added to the std, as in DDPO
 
     def __init__(self, buffer_size: int = 32, min_count: int = 16):
-        self.buffer_size, self.min_count = buffer_size, min_count
-        self.buffers: dict[str, deque] = {}
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
         self.last_per_prompt_fraction = 0.0  # share of the last batch normalized with its prompt's own stats
 
     def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
-        values = np.asarray(rewards.detach().double().cpu().numpy(), dtype=np.float64)
+        values, prompt_of = rewards.detach().double().cpu().numpy(), np.array(prompts, dtype=object)
         if len(prompts) != len(values):
             raise ValueError(f"{len(prompts)} prompts for {len(values)} rewards")
-        prompts_array = np.array(prompts, dtype=object)
-        global_mean, global_std = values.mean(), values.std() + self.EPS
-        advantages = np.empty_like(values)
-        per_prompt = 0
+        advantages, per_prompt = (values - values.mean()) / (values.std() + self.EPS), 0  # the batch's stats first
         for prompt in dict.fromkeys(prompts):  # unique, in order of appearance
-            mask = prompts_array == prompt
-            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
-            buffer.extend(values[mask].tolist())
+            mask = prompt_of == prompt
+            buffer = self.buffers[prompt] = (self.buffers.get(prompt, []) + values[mask].tolist())[-self.buffer_size:]
             if len(buffer) >= self.min_count:
-                stored = np.array(buffer)
-                mean, std = stored.mean(), stored.std() + self.EPS
+                advantages[mask] = (values[mask] - np.mean(buffer)) / (np.std(buffer) + self.EPS)
                 per_prompt += int(mask.sum())
-            else:
-                mean, std = global_mean, global_std
-            advantages[mask] = (values[mask] - mean) / std
         self.last_per_prompt_fraction = per_prompt / max(len(values), 1)
         return torch.as_tensor(advantages, dtype=torch.float32, device=rewards.device)
 
-    def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()}}
+    def state_dict(self) -> dict:  # update replaces a buffer, never changes it: the lists can be shared
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "buffers": dict(self.buffers)}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
-        self.buffers = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state["buffers"].items()}
+        self.buffers = {prompt: list(values)[-self.buffer_size:] for prompt, values in state["buffers"].items()}
 
 
 def compute_advantages(rewards: torch.Tensor, prompts: Sequence[str], tracker: Optional[PerPromptStatTracker],
                        adv_clip: float) -> torch.Tensor:
     """Normalized, clipped advantages: per prompt with a tracker, else with the batch's mean and std."""
-    if tracker is not None:
-        advantages = tracker.update(prompts, rewards)
-    else:
-        values = rewards.float()
-        advantages = (values - values.mean()) / (values.std(unbiased=False) + PerPromptStatTracker.EPS)
-    return advantages.clamp(-adv_clip, adv_clip)
+    values = rewards.float()
+    normalized = (values - values.mean()) / (values.std(unbiased=False) + PerPromptStatTracker.EPS)
+    return (tracker.update(prompts, rewards) if tracker else normalized).clamp(-adv_clip, adv_clip)
 
 
 def gather_rewards(rewards: torch.Tensor, prompts: list[str], world_size: int) -> tuple[torch.Tensor, list[str]]:
     """Every rank's rewards and prompts, rank-major, so every rank's stat tracker sees the same global batch."""
     if world_size == 1:
         return rewards, list(prompts)
-    parts = [torch.empty_like(rewards) for _ in range(world_size)]
+    parts, prompt_parts = [torch.empty_like(rewards) for _ in range(world_size)], [None] * world_size
     dist.all_gather(parts, rewards.contiguous())
-    prompt_parts = [None] * world_size
     dist.all_gather_object(prompt_parts, list(prompts))
     return torch.cat(parts), [prompt for part in prompt_parts for prompt in part]
 
 
 def global_max(values: torch.Tensor, world_size: int) -> float:
-    """Largest of every rank's values."""
     top = values.float().max()
     if world_size > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
     return top.item()
 
 
-def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int,
-                    generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def ppo_minibatches(num_samples: int, num_actions: int, train_batch_size: int, generator: torch.Generator) -> list:
     """A shuffled split of all (sample, step) pairs into minibatches of (sample indices, step indices)."""
     order = torch.randperm(num_samples * num_actions, generator=generator)
     return [(chunk // num_actions, chunk % num_actions) for chunk in order.split(train_batch_size)]
 
 
 def lr_factor(schedule: str, end_factor: float, iteration: int, iterations: int) -> float:
-    """The LR multiplier of iteration i (1..N): 1, or linear 1 - (1 - end_factor) i / N.
-
-    RLCM steps its LinearLR once before each epoch of 10 iterations, so its epoch e trains at
-    1 - (e + 1) / 300: the same line, equal at every 10th iteration, stepped per iteration here.
-    """
-    if schedule == "constant":
-        return 1.0
-    return 1.0 - (1.0 - end_factor) * iteration / max(iterations, 1)
+    """The LR multiplier of iteration i (1..N): 1, or linear 1 - (1 - end_factor) i / N: RLCM's line (its LinearLR
+    steps before each epoch of 10 iterations: epoch e trains at 1 - (e + 1) / 300), stepped per iteration here."""
+    return 1.0 if schedule == "constant" else 1.0 - (1.0 - end_factor) * iteration / max(iterations, 1)
 
 
 class PpoObjective(torch.nn.Module):
-    """The clipped loss of one minibatch of stored (sample, step) pairs as a single forward.
-
-    Wrapped in DistributedDataParallel, so the LoRA gradients of every rank's minibatch are averaged.
-    """
+    """The clipped loss of one minibatch of stored (sample, step) pairs as a single forward, so that
+    DistributedDataParallel averages the LoRA gradients of every rank's minibatch."""
 
     def __init__(self, unet, scheduler, schedule: list[ChainStep], clip_range: float, reduction: str):
         super().__init__()
@@ -431,17 +373,12 @@ def ppo_update(objective, rollout: Rollout, w_embedding: torch.Tensor, epochs: i
                grad_accum: int, seed: int, iteration: int, optimizer_step: Callable[[bool], Optional[float]],
                backward_pass=lambda last: contextlib.nullcontext(), scale=lambda loss: loss,
                autocast=contextlib.nullcontext(), rank: int = 0) -> dict[str, list]:
-    """One iteration's PPO update: `epochs` passes over the rollout's (sample, step) pairs, shuffled, in minibatches
-    of train_batch_size, with an optimizer step every grad_accum minibatches (0: one per epoch).
-
-    optimizer_step(finite) follows each group's backward passes; finite: whether all of the group's losses were.
-    It applies the accumulated gradients, or skips them when they are not finite, zeroes them, and returns the
-    gradient norm, None if it skipped: Run.update in main (loss scale, clipping, the ranks' agreement, the
-    non-finite streak), clip_and_step on one process. backward_pass(last) surrounds each minibatch's forward and
-    backward (DDP: no_sync but on the group's last); scale(loss) is what backward runs on (a GradScaler's scale).
-    Returns per-minibatch stats, and grad_norm per step taken.
-    """
-    num_samples, num_actions = rollout.log_probs.shape
+    """One iteration's PPO update: `epochs` shuffled passes over the rollout's (sample, step) pairs in minibatches of
+    train_batch_size, an optimizer step every grad_accum minibatches (0: one per epoch). optimizer_step(finite: all
+    the group's losses were) applies or skips the gradients, zeroes them and returns their norm, None if it skipped
+    (Run.update in main, clip_and_step on one process); backward_pass(last) surrounds each forward and backward (DDP:
+    no_sync but on the group's last); backward runs on scale(loss). Returns per-minibatch stats, grad_norm per step."""
+    (num_samples, num_actions), device = rollout.log_probs.shape, rollout.latents.device
     stats = {"loss": [], "approx_kl": [], "clip_fraction": [], "ratio_deviation": [], "grad_norm": []}
     for epoch in range(epochs):
         shuffle = torch.Generator().manual_seed(derived_seed(seed, iteration, epoch, rank))
@@ -453,23 +390,19 @@ def ppo_update(objective, rollout: Rollout, w_embedding: torch.Tensor, epochs: i
             for position, (samples, steps) in enumerate(group):
                 with backward_pass(position == len(group) - 1):
                     with autocast:
-                        loss, info = objective(rollout, samples.to(rollout.latents.device),
-                                               steps.to(rollout.latents.device), w_embedding)
+                        loss, info = objective(rollout, samples.to(device), steps.to(device), w_embedding)
                     finite &= torch.isfinite(loss).item()  # a non-finite loss still runs backward: ranks stay in step
                     scale(loss / len(group)).backward()
-                stats["loss"].append(loss.detach())
-                stats["approx_kl"].append(info["approx_kl"])
-                stats["clip_fraction"].append(info["clip_fraction"])
-                stats["ratio_deviation"].append((info["ratio"] - 1.0).abs().max())
-            grad_norm = optimizer_step(finite)
-            if grad_norm is not None:
+                info.update(loss=loss.detach(), ratio_deviation=(info.pop("ratio") - 1.0).abs().max())
+                for name, value in info.items():
+                    stats[name].append(value)
+            if (grad_norm := optimizer_step(finite)) is not None:
                 stats["grad_norm"].append(grad_norm)
     return stats
 
 
 def clip_and_step(optimizer, params: list[torch.nn.Parameter], max_grad_norm: float):
-    """ppo_update's optimizer_step for one process without a loss scale: clip, step unless a loss or the gradient
-    is not finite, zero the gradients; returns the gradient norm, None if it skipped."""
+    """ppo_update's optimizer_step on one process without a loss scale (main's is Run.update): clip, step if finite."""
     def step(finite: bool) -> Optional[float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         finite = finite and torch.isfinite(grad_norm).item()
@@ -515,25 +448,22 @@ def main(args: Args) -> None:
     reward_fn = load_reward_spec(args.reward, device, run.dtype)
     eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
-    # eval mode throughout: PPO's ratio compares the sampling and the training policy, so both must be the same
-    # function (no dropout). The LCM UNet has no batch norm.
-    unet.eval()
+    unet.eval()  # throughout: PPO's ratio compares sampling and training policy, so both are one function
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
     objective = PpoObjective(unet, scheduler, schedule, args.clip_range, args.logprob_reduction)
-    sample_w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
-    train_w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.train_batch_size, device)
-    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count) if args.per_prompt_stat_tracking \
-        else None
+    sample_w, train_w = (guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, n, device)
+                         for n in (args.batch_size, args.train_batch_size))
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)  # used if --per-prompt-stat-tracking
     num_samples = args.batch_size * args.sample_batches  # per rank and iteration
     images = num_samples * run.world_size  # per iteration, each scored once
     accumulation = args.grad_accum or num_samples * (args.num_inference_steps - 1) // args.train_batch_size
-    pairs = args.train_batch_size * accumulation * run.world_size
     start, objective = run.begin(unet, optimizer, objective, f"{args.train_batch_size} (sample, step) pairs x "
-                                 f"{accumulation} accumulation x {run.world_size} ranks = {pairs} pairs per optimizer "
-                                 f"step; {args.batch_size} x {args.sample_batches} sampling batches x {run.world_size} "
+                                 f"{accumulation} accumulation x {run.world_size} ranks = "
+                                 f"{args.train_batch_size * accumulation * run.world_size} pairs per optimizer step; "
+                                 f"{args.batch_size} x {args.sample_batches} sampling batches x {run.world_size} "
                                  f"ranks = {images} images")
-    if tracker and (run.resumed or {}).get("stat_tracker"):
+    if (run.resumed or {}).get("stat_tracker"):
         tracker.load_state_dict(run.resumed["stat_tracker"])
 
     def sample(latents, noises, embeds, w_embedding):  # the policy's K-step chain without gradients, for evaluation
@@ -547,8 +477,7 @@ def main(args: Args) -> None:
         evaluate_now(0)
     for iteration in range(start + 1, args.train_steps + 1):
         started = time.perf_counter()
-        # the weights before this iteration's first update, kept while they are the last with a finite loss
-        run.snapshot(iteration - 1, stat_tracker=tracker and tracker.state_dict())
+        run.snapshot(iteration - 1, stat_tracker=tracker.state_dict())  # kept while the last with a finite loss
         # ---- sample: every stochastic step's log-prob, the rewards, advantages normalized over all ranks' samples
         rollouts = []
         for batch_index in range(args.sample_batches):
@@ -561,11 +490,11 @@ def main(args: Args) -> None:
                 rollouts[-1].rewards = reward_fn(decode(vae, rollouts[-1].final_latents), prompts).float()
         rollout = Rollout.cat(rollouts)
         all_rewards, all_prompts = gather_rewards(rollout.rewards, rollout.prompts, run.world_size)
-        all_advantages = compute_advantages(all_rewards, all_prompts, tracker, args.adv_clip)
-        rollout.advantages = all_advantages[run.rank * num_samples:(run.rank + 1) * num_samples]
+        advantages = compute_advantages(all_rewards, all_prompts, args.per_prompt_stat_tracking and tracker,
+                                        args.adv_clip)
+        rollout.advantages = advantages[run.rank * num_samples:(run.rank + 1) * num_samples]
         sampling_time = time.perf_counter() - started
-        # ---- loss and update: PPO epochs over shuffled (sample, step) minibatches; the LR is a function of the
-        # iteration alone, so --resume continues it; a step is skipped on every rank if a loss or gradient is not finite
+        # ---- update: PPO epochs at the iteration's LR (--resume continues it); non-finite steps skipped on all ranks
         optimizer.param_groups[0]["lr"] = args.lr * lr_factor(args.lr_schedule, args.lr_end_factor, iteration,
                                                               args.train_steps)
         stats = ppo_update(objective, rollout, train_w, args.ppo_epochs, args.train_batch_size, args.grad_accum,
@@ -573,25 +502,22 @@ def main(args: Args) -> None:
                            optimizer_step=lambda finite: run.update(iteration, finite, lora_params, args.max_grad_norm),
                            backward_pass=lambda last: run.backward_pass(objective, iteration, last))
         step_time = time.perf_counter() - started
-        # ---- log
+        # ---- log: means over every rank's minibatches (grad_norm: over the steps taken; nan if none)
         if iteration % args.log_every == 0:
-            def average(name):  # over every rank's minibatches (grad_norm: over the steps taken; nan if none)
-                return global_mean(torch.tensor([float(v) for v in stats[name]], device=device), run.world_size)
-
-            metrics = {"train/reward": all_rewards.mean().item(),
-                       "train/reward_std": all_rewards.std(unbiased=False).item(),
-                       "train/advantage_abs": all_advantages.abs().mean().item(),
-                       "train/per_prompt_fraction": tracker.last_per_prompt_fraction if tracker else 0.0,
-                       "train/approx_kl": average("approx_kl"), "train/clip_fraction": average("clip_fraction"),
-                       "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), run.world_size),
-                       "train/loss": average("loss"), "train/grad_norm": average("grad_norm"),
-                       "train/lr": optimizer.param_groups[0]["lr"], "train/optimizer_steps": len(stats["grad_norm"]),
-                       "train/skipped_steps": run.skipped, "perf/sampling_time_s": sampling_time}
+            metrics = {f"train/{name}": global_mean(torch.tensor([float(v) for v in stats[name]], device=device),
+                                                     run.world_size)
+                       for name in ("loss", "approx_kl", "clip_fraction", "grad_norm")}
+            metrics.update({
+                "train/reward": all_rewards.mean().item(), "train/reward_std": all_rewards.std(unbiased=False).item(),
+                "train/advantage_abs": advantages.abs().mean().item(), "perf/sampling_time_s": sampling_time,
+                "train/per_prompt_fraction": tracker.last_per_prompt_fraction, "train/skipped_steps": run.skipped,
+                "train/ratio_max_deviation": global_max(torch.stack(stats["ratio_deviation"]), run.world_size),
+                "train/lr": optimizer.param_groups[0]["lr"], "train/optimizer_steps": len(stats["grad_norm"])})
             run.log_step(iteration, metrics, "reward {train/reward:.4f} +- {train/reward_std:.4f} approx_kl "
                          "{train/approx_kl:.3g} clip_fraction {train/clip_fraction:.3f}".format_map(metrics),
                          step_time, images, images)
         # ---- save and evaluate
-        run.save(iteration, stat_tracker=tracker and tracker.state_dict())
+        run.save(iteration, stat_tracker=tracker.state_dict())
         if args.eval_every and iteration % args.eval_every == 0 and iteration != args.train_steps:
             evaluate_now(iteration)
     run.finish(lora_params, lambda: evaluate_now(args.train_steps))
@@ -611,18 +537,18 @@ OOM_FIX = "lower --train-batch-size (raise --grad-accum to keep the pairs per up
 
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
+    pairs = args.batch_size * args.sample_batches * (args.num_inference_steps - 1)  # (sample, step) per iteration
     validate_shared(args, [
         (not 0 <= args.lr_end_factor <= 1, f"--lr-end-factor must be in [0, 1] (got {args.lr_end_factor})"),
         (args.stat_min_count > args.stat_buffer_size,
          f"--stat-min-count ({args.stat_min_count}) must be <= --stat-buffer-size ({args.stat_buffer_size})"),
+        (args.train_batch_size > 0 and pairs % args.train_batch_size,  # below 1 is the bounds' error
+         f"--train-batch-size ({args.train_batch_size}) must divide the (sample, step) pairs per iteration, "
+         f"batch_size x sample_batches x (K-1) = {args.batch_size} x {args.sample_batches} x "
+         f"{args.num_inference_steps - 1} = {pairs}"),
     ], num_inference_steps=">= 2; the K-1 stochastic steps are PPO's actions", sample_batches=">= 1",
         train_batch_size=">= 1", grad_accum=">= 0; 0: one optimizer step per epoch", ppo_epochs=">= 1",
         clip_range="> 0", adv_clip="> 0", stat_buffer_size=">= 1", stat_min_count=">= 1")
-    pairs = args.batch_size * args.sample_batches * (args.num_inference_steps - 1)
-    if pairs % args.train_batch_size:
-        raise SystemExit(f"error: --train-batch-size ({args.train_batch_size}) must divide the (sample, step) pairs "
-                         f"per iteration, batch_size x sample_batches x (K-1) = {args.batch_size} x "
-                         f"{args.sample_batches} x {args.num_inference_steps - 1} = {pairs}")
 
 
 # --------------------------------------------------------------------------------------------
