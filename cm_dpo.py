@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 import tyro
+from PIL import Image, ImageOps
 
 from common import REWARDS, load_reward, missing_local_directory
 
@@ -291,7 +292,6 @@ def weights_replaced(params: list[torch.nn.Parameter], values: list[torch.Tensor
 class PairBatch:
     """A micro-batch of preference pairs: b prompts; each state holds the b winners, then the b losers."""
 
-    prompts: list[str]
     embeds: torch.Tensor  # (2b, tokens, dim), winners then losers
     states: list[torch.Tensor]  # K + 1 tensors (2b, C, H, W): x_K, ..., x_1, x_0
     keep: torch.Tensor  # (b,) float: 1 for pairs that enter L_DPO
@@ -409,9 +409,10 @@ def pair_generator(seed: int, step: int, micro: int, index: int, use: int, devic
     return torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, index, use))
 
 
-def consistency_draws(seed: int, step: int, micro: int, indices: list[int], grid_size: int, latent_shape, device):
-    """Per pair, the winner's and the loser's L_con grid index and shared noise, arranged winners then losers."""
-    generators = [pair_generator(seed, step, micro, i, 1, device) for i in indices]
+def consistency_draws(seed: int, step: int, micro: int, items: list[tuple], grid_size: int, latent_shape, device):
+    """Per pair of items (pair_indices), the winner's and the loser's L_con grid index and shared noise, arranged
+    winners then losers."""
+    generators = [pair_generator(seed, step, micro, i, 1, device) for i, _ in items]
     t = torch.stack([torch.randint(0, grid_size - 1, (2,), generator=g, device=g.device).cpu() for g in generators], 1)
     noise = torch.stack([torch.randn((2, *latent_shape), generator=g, device=g.device) for g in generators], 1)
     return t.flatten(), noise.flatten(0, 1).to(device)
@@ -437,10 +438,10 @@ def online_pairs(models, reward_fn, schedule, prompts: list[str], step: int, mic
     grouped = rewards.view(len(chosen), n)
     gaps, rows = grouped.amax(1) - grouped.amin(1), torch.arange(len(chosen), device=rewards.device) * n
     order = torch.cat([rows + grouped.argmax(1), rows + grouped.argmin(1)]).to(device)  # winners, then losers
-    con_t, con_noise = consistency_draws(seed, step, micro, [i for i, _ in items], grid_size, latent_shape, device)
-    return PairBatch(prompts=chosen, embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states],
-                     keep=((gaps > 0) & (gaps >= reward_margin)).float().to(device), con_t=con_t, con_noise=con_noise,
-                     rewards=rewards, gaps=gaps)
+    con_t, con_noise = consistency_draws(seed, step, micro, items, grid_size, latent_shape, device)
+    keep = ((gaps > 0) & (gaps >= reward_margin)).float().to(device)
+    return PairBatch(embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep, con_t=con_t,
+                     con_noise=con_noise, rewards=rewards, gaps=gaps)
 
 
 class OfflinePairs:
@@ -454,8 +455,6 @@ class OfflinePairs:
         """The image resized (short side) and center-cropped to the resolution, then encoded to the VAE's posterior
         mean, not a sample: cached latents and resumed runs are deterministic."""
         if path not in self.latents:
-            from PIL import Image, ImageOps
-
             image = open_image(path, self.resolution, f"pairs file line {line}: image '{path}'")
             image = ImageOps.fit(image, (self.resolution, self.resolution), Image.BICUBIC)
             pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
@@ -482,10 +481,9 @@ class OfflinePairs:
             with autocast:  # forward: the clean latent noised again; renoise: the reference's step from the last state
                 mean = clean if self.offline_chain == "forward" else reference_fn(unet, states[-1], previous, embeds, w)
             states.append(previous.alpha_next * mean.float() + previous.sigma_next * noise[i])
-        con_t, con_noise = consistency_draws(self.seed, step, micro, [i for i, _ in items], grid_size, latent_shape,
-                                             device)
-        return PairBatch(prompts=[r["prompt"] for r in records], embeds=embeds, states=[*states, clean],
-                         keep=torch.ones(len(records), device=device), con_t=con_t, con_noise=con_noise)
+        con_t, con_noise = consistency_draws(self.seed, step, micro, items, grid_size, latent_shape, device)
+        return PairBatch(embeds=embeds, states=[*states, clean], keep=torch.ones(len(records), device=device),
+                         con_t=con_t, con_noise=con_noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,10 +622,6 @@ def validate(args: Args) -> None:
         last_step_multiplier=">= 0", dual_lr=">= 0", last_step_budget=">= 0")
 
 
-# offline pair images farther than this from a square of the training resolution are refused
-MAX_ASPECT, MIN_SIDE_DIVISOR = 4, 8
-
-
 def read_pairs(path: str | Path, resolution: int) -> list[dict]:
     """The offline pairs: [{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory.
     Every line is checked and every image decoded once (open_image) before any model loads, so a bad line stops the
@@ -635,7 +629,7 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
     path, fix = Path(path), 'write one {"prompt": ..., "winner": ..., "loser": ...} object per line'
     if not path.is_file():
         raise SystemExit(f"error: --pairs-file '{path}' does not exist; pass a JSONL file of prompt/winner/loser")
-    pairs, checked = [], set()
+    pairs, checked, fields = [], set(), ("prompt", "winner", "loser")
     for number, line in enumerate(read_text(path, "--pairs-file", fix).splitlines(), start=1):
         if not line.strip():
             continue
@@ -643,7 +637,7 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise SystemExit(f"error: --pairs-file '{path}' line {number} is not valid JSON ({error.msg}); {fix}")
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "winner", "loser")):
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in fields):
             raise SystemExit(f"error: --pairs-file '{path}' line {number} needs string fields prompt, winner and loser")
         pair = {"prompt": record["prompt"], "line": number}
         for key in ("winner", "loser"):
@@ -661,12 +655,10 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
     return pairs
 
 
-def open_image(path: str, resolution: int, where: str):
+def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_side_divisor: int = 8):
     """The image fully decoded to RGB (a PIL image), or a one-line error starting with `where`. Its size is read from
     the header first: more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS: this bounds the memory)
     or too far from a square of the resolution for the resize and center crop are refused before decoding."""
-    from PIL import Image
-
     try:
         if os.path.getsize(path) == 0:
             raise SystemExit(f"error: {where} is empty (0 bytes); fix or remove the line")
@@ -674,12 +666,11 @@ def open_image(path: str, resolution: int, where: str):
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice its limit
             with Image.open(path) as image:
                 short, long = sorted(image.size)
-                if long > MAX_ASPECT * short or short * MIN_SIDE_DIVISOR < resolution:
-                    raise SystemExit(
-                        f"error: {where} is {image.width}x{image.height} pixels, too far from the training resolution "
-                        f"{resolution}x{resolution} (refused: an aspect ratio above {MAX_ASPECT} or a shorter side "
-                        f"below {resolution / MIN_SIDE_DIVISOR:g} = resolution / {MIN_SIDE_DIVISOR}); crop or resize "
-                        "it, or remove the line")
+                if long > max_aspect * short or short * min_side_divisor < resolution:
+                    raise SystemExit(f"error: {where} is {image.width}x{image.height} pixels, too far from the "
+                                     f"training resolution {resolution}x{resolution} (refused: an aspect ratio above "
+                                     f"{max_aspect} or a shorter side below {resolution / min_side_divisor:g} = "
+                                     f"resolution / {min_side_divisor}); crop or resize it, or remove the line")
                 return image.convert("RGB")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise SystemExit(f"error: {where} is too large to decode ({error}); resize it or remove the line")
