@@ -269,8 +269,7 @@ def dpo_loss(winner: torch.Tensor, loser: torch.Tensor, beta: float) -> tuple[to
 
 
 def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per sample: mean squared error, or iCT's pseudo-Huber sqrt(mse + c^2) - c on the root-mean-square error, where
-    iCT's c = 0.00054 * sqrt(dims) becomes 0.00054."""
+    """Per sample: mean squared error, or iCT's pseudo-Huber / sqrt(dims): sqrt(mse + c^2) - c with c = 0.00054."""
     mse = (prediction.float() - target.float()).square().flatten(1).mean(1)
     return mse if kind == "l2" else (mse + 0.00054**2).sqrt() - 0.00054
 
@@ -328,10 +327,8 @@ class CmDpoObjective(torch.nn.Module):
         exact KL of the stochastic steps (summed over dimensions), the last-step gap."""
         x = batch.states
         total = kl = last_gap = torch.zeros(len(x[0]), device=x[0].device)
-        for i, step in enumerate(self.schedule):
+        for i, step in enumerate(self.schedule[:-1] if self.last_step == "drop" else self.schedule):
             last = step.alpha_next is None
-            if last and self.last_step == "drop":
-                break
             f_policy = self.policy(x[i], step, batch.embeds, w_embedding)
             f_ref = self.reference(x[i], step, batch.embeds, w_embedding)
             if last and self.last_step == "constrain":
@@ -343,17 +340,8 @@ class CmDpoObjective(torch.nn.Module):
             term = (step_log_ratio(x[i + 1], a * f_policy, a * f_ref, weight) if self.dpo_form == "logratio"
                     else step_divergence(a * f_policy, a * f_ref, weight))
             total = total + term / x[0][0].numel()  # a mean over the latent: beta means the same at every resolution
-            if not last:
-                kl = kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
+            kl = kl if last else kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
         return {"total": total, "kl": kl, "last_gap": last_gap}
-
-    def consistency_term(self, batch: PairBatch, w_embedding) -> torch.Tensor:
-        """L_con per sample on the batch's final latents, noised to adjacent grid timesteps t_{n+1} > t_n, same z."""
-        clean, device = batch.states[-1], batch.states[-1].device
-        low = chain_step(self.scheduler, self.grid[batch.con_t], None, device)
-        high = chain_step(self.scheduler, self.grid[batch.con_t + 1], None, device)
-        return self.consistency_gap(high.alpha * clean + high.sigma * batch.con_noise, high,
-                                    low.alpha * clean + low.sigma * batch.con_noise, low, batch.embeds, w_embedding)
 
     def consistency_gap(self, x_high, high: ChainStep, x_low, low: ChainStep, embeds, w_embedding) -> torch.Tensor:
         """d(f_theta(x_high), stopgrad f_target(x_low)) per sample, the target being the reference or the EMA."""
@@ -366,8 +354,12 @@ class CmDpoObjective(torch.nn.Module):
 
     def forward(self, batch: PairBatch, w_embedding, multiplier: float):
         """Returns (loss, statistics per pair or chain, detached, named as their train/ metrics; None: not used)."""
-        # the EMA target first: it swaps weights in place, which must happen before the graph saves them
-        con = self.consistency_term(batch, w_embedding) if self.con_weight > 0 else None
+        con, clean = None, batch.states[-1]
+        if self.con_weight > 0:  # first: the EMA target swaps weights in place, before the graph saves them
+            # L_con on the final latents, noised to adjacent grid timesteps t_{n+1} > t_n with the same z
+            low, high = [chain_step(self.scheduler, self.grid[batch.con_t + j], None, clean.device) for j in (0, 1)]
+            x_low, x_high = [step.alpha * clean + step.sigma * batch.con_noise for step in (low, high)]
+            con = self.consistency_gap(x_high, high, x_low, low, batch.embeds, w_embedding)
         terms = self.trajectory_terms(batch, w_embedding)
         pair_loss, margin = dpo_loss(*terms["total"].chunk(2), self.beta)
         constrain, kept = self.last_step == "constrain", batch.keep.bool()
@@ -385,18 +377,16 @@ class CmDpoObjective(torch.nn.Module):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds,
-                      w_embedding) -> list[torch.Tensor]:
+def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], embeds, w_embedding) -> list[torch.Tensor]:
     """The K-step chain as LatentConsistencyModelPipeline runs it; states [x_K, ..., x_0], schedule[i]: i -> i + 1."""
     states = [latents]
     for k, step in enumerate(schedule):
-        denoised = consistency_fn(unet, states[-1], step, prompt_embeds, w_embedding)
+        denoised = consistency_fn(unet, states[-1], step, embeds, w_embedding)
         states.append(denoised if step.alpha_next is None else step.alpha_next * denoised + step.sigma_next * noises[k])
     return states
 
 
-def pair_indices(seed: int, batch_size: int, num_items: int, step: int, micro: int, rank: int,
-                 world_size: int) -> list[tuple]:
+def pair_indices(seed: int, batch_size: int, num_items: int, step: int, micro: int, rank: int, world_size: int):
     """This rank's slice of the global micro-batch: (global pair index, item index) for prompts or offline pairs.
     Everything random about a pair is drawn from seeds of its global index, so N ranks with batch b see exactly the
     pairs one process with batch N*b sees."""
@@ -410,8 +400,7 @@ def pair_generator(seed: int, step: int, micro: int, index: int, use: int, devic
 
 
 def consistency_draws(seed: int, step: int, micro: int, items: list[tuple], grid_size: int, latent_shape, device):
-    """Per pair of items (pair_indices), the winner's and the loser's L_con grid index and shared noise, arranged
-    winners then losers."""
+    """Per pair of items (pair_indices), the winner's and the loser's L_con grid index and shared noise."""
     generators = [pair_generator(seed, step, micro, i, 1, device) for i, _ in items]
     t = torch.stack([torch.randint(0, grid_size - 1, (2,), generator=g, device=g.device).cpu() for g in generators], 1)
     noise = torch.stack([torch.randn((2, *latent_shape), generator=g, device=g.device) for g in generators], 1)
@@ -452,8 +441,7 @@ class OfflinePairs:
         self.resolution, self.offline_chain, self.seed, self.batch_size = resolution, offline_chain, seed, batch_size
 
     def latent(self, vae, path: str, line: int) -> torch.Tensor:
-        """The image resized (short side) and center-cropped to the resolution, then encoded to the VAE's posterior
-        mean, not a sample: cached latents and resumed runs are deterministic."""
+        """The image resized and center-cropped, as its VAE posterior mean (not a sample: resumed runs are the same)."""
         if path not in self.latents:
             image = open_image(path, self.resolution, f"pairs file line {line}: image '{path}'")
             image = ImageOps.fit(image, (self.resolution, self.resolution), Image.BICUBIC)
@@ -519,7 +507,7 @@ def main(args: Args) -> None:
                                dpo_form=args.dpo_form, last_step=args.last_step, con_weight=args.con_weight,
                                con_target=args.con_target, con_loss=args.con_loss,
                                checkpoint=args.gradient_checkpointing)
-    grid_size, multiplier = len(objective.grid), args.last_step_multiplier
+    grid_size, multiplier, constrain = len(objective.grid), args.last_step_multiplier, args.last_step == "constrain"
     w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, device)
     pairs_per_step = args.batch_size * args.grad_accum * run.world_size
     images_per_step = pairs_per_step * (args.samples_per_prompt if online else 2)  # offline: 2 read, none scored
@@ -573,21 +561,19 @@ def main(args: Args) -> None:
         if grad_norm is not None and ema is not None:
             for average, param in zip(ema, lora_params):
                 average.lerp_(param.detach(), 1 - args.ema_decay)
-        if grad_norm is not None and args.last_step == "constrain" and args.dual_lr > 0:
+        if grad_norm is not None and constrain and args.dual_lr > 0:
             # every rank sees the same global gap, so the multiplier stays identical across ranks
             multiplier = max(0.0, multiplier + args.dual_lr * (gathered("last_step_gap") - args.last_step_budget))
         step_time = time.perf_counter() - started
         # ---- log: every statistic in use (online: the rewards, --last-step constrain: the gap and the multiplier)
         if grad_norm is not None and step % args.log_every == 0:
-            metrics = {f"train/{name}": gathered(name) for name, value in stats[0].items() if value is not None}
-            metrics.update({"train/divergence": metrics["train/kl"], "train/grad_norm": grad_norm})
-            if args.last_step == "constrain":
-                metrics["train/multiplier"] = multiplier
-            run.log_step(step, metrics, (f"reward {metrics['train/reward']:.4f} " if online else "") +
-                         f"loss_dpo {metrics['train/loss_dpo']:.4f} margin {metrics['train/implicit_margin']:.4f} "
-                         f"accuracy {metrics['train/implicit_accuracy']:.2f} kl {metrics['train/kl']:.4f} loss "
-                         f"{metrics['train/loss']:.4f} | {pairs_per_step / step_time:.2f} pairs/s", step_time,
-                         images_per_step, images_per_step if online else 0)
+            m = {name: gathered(name) for name, value in stats[0].items() if value is not None}
+            m |= {"divergence": m["kl"], "grad_norm": grad_norm} | ({"multiplier": multiplier} if constrain else {})
+            text = (f"reward {m['reward']:.4f} " if online else "") + (
+                f"loss_dpo {m['loss_dpo']:.4f} margin {m['implicit_margin']:.4f} accuracy {m['implicit_accuracy']:.2f} "
+                f"kl {m['kl']:.4f} loss {m['loss']:.4f} | {pairs_per_step / step_time:.2f} pairs/s")
+            run.log_step(step, {f"train/{name}": value for name, value in m.items()}, text, step_time, images_per_step,
+                         images_per_step if online else 0)
         # ---- save and evaluate
         run.save(step, multiplier=multiplier, ema=ema)
         if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
