@@ -250,9 +250,8 @@ def step_weight(variance, eps: float) -> torch.Tensor:
 
 
 def step_log_ratio(target: torch.Tensor, mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
-    """log N(target; mean_policy, 1/weight) - log N(target; mean_ref, 1/weight), summed over each sample's dimensions,
-    as <mean_policy - mean_ref, 2 target - mean_policy - mean_ref> * weight / 2: the difference of the two squared
-    distances without their cancellation, exactly zero while the policy is the reference."""
+    """log N(target; mean_policy, 1/weight) - log N(target; mean_ref, 1/weight), summed over each sample's dimensions;
+    as <mean_policy - mean_ref, 2 target - mean_policy - mean_ref> * weight / 2 it is exactly 0 while policy = ref."""
     mean_policy, mean_ref = mean_policy.float(), mean_ref.float()
     return weight * ((mean_policy - mean_ref) * (2 * target.float() - mean_policy - mean_ref)).flatten(1).sum(1) / 2
 
@@ -387,9 +386,8 @@ def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], embeds, 
 
 
 def pair_indices(seed: int, batch_size: int, num_items: int, step: int, micro: int, rank: int, world_size: int):
-    """This rank's slice of the global micro-batch: (global pair index, item index) for prompts or offline pairs.
-    Everything random about a pair is drawn from seeds of its global index, so N ranks with batch b see exactly the
-    pairs one process with batch N*b sees."""
+    """This rank's slice of the global micro-batch, (global pair index, item index): every draw of a pair is seeded by
+    its global index, so N ranks with batch b see exactly the pairs one process with batch N*b sees."""
     chosen = random.Random(derived_seed(seed, step, micro)).choices(range(num_items), k=batch_size * world_size)
     return [(i, chosen[i]) for i in range(rank * batch_size, (rank + 1) * batch_size)]
 
@@ -400,11 +398,11 @@ def pair_generator(seed: int, step: int, micro: int, index: int, use: int, devic
 
 
 def consistency_draws(seed: int, step: int, micro: int, items: list[tuple], grid_size: int, latent_shape, device):
-    """Per pair of items (pair_indices), the winner's and the loser's L_con grid index and shared noise."""
+    """PairBatch's con_t and con_noise: per pair of items (pair_indices), the winner's and the loser's L_con draws."""
     generators = [pair_generator(seed, step, micro, i, 1, device) for i, _ in items]
     t = torch.stack([torch.randint(0, grid_size - 1, (2,), generator=g, device=g.device).cpu() for g in generators], 1)
     noise = torch.stack([torch.randn((2, *latent_shape), generator=g, device=g.device) for g in generators], 1)
-    return t.flatten(), noise.flatten(0, 1).to(device)
+    return {"con_t": t.flatten(), "con_noise": noise.flatten(0, 1).to(device)}
 
 
 @torch.no_grad()
@@ -427,10 +425,9 @@ def online_pairs(models, reward_fn, schedule, prompts: list[str], step: int, mic
     grouped = rewards.view(len(chosen), n)
     gaps, rows = grouped.amax(1) - grouped.amin(1), torch.arange(len(chosen), device=rewards.device) * n
     order = torch.cat([rows + grouped.argmax(1), rows + grouped.argmin(1)]).to(device)  # winners, then losers
-    con_t, con_noise = consistency_draws(seed, step, micro, items, grid_size, latent_shape, device)
     keep = ((gaps > 0) & (gaps >= reward_margin)).float().to(device)
-    return PairBatch(embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep, con_t=con_t,
-                     con_noise=con_noise, rewards=rewards, gaps=gaps)
+    return PairBatch(embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep, rewards=rewards,
+                     gaps=gaps, **consistency_draws(seed, step, micro, items, grid_size, latent_shape, device))
 
 
 class OfflinePairs:
@@ -469,9 +466,8 @@ class OfflinePairs:
             with autocast:  # forward: the clean latent noised again; renoise: the reference's step from the last state
                 mean = clean if self.offline_chain == "forward" else reference_fn(unet, states[-1], previous, embeds, w)
             states.append(previous.alpha_next * mean.float() + previous.sigma_next * noise[i])
-        con_t, con_noise = consistency_draws(self.seed, step, micro, items, grid_size, latent_shape, device)
         return PairBatch(embeds=embeds, states=[*states, clean], keep=torch.ones(len(records), device=device),
-                         con_t=con_t, con_noise=con_noise)
+                         **consistency_draws(self.seed, step, micro, items, grid_size, latent_shape, device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,8 +486,7 @@ def main(args: Args) -> None:
     run = Run(args)  # rank and device; a --resume checkpoint is checked and its directory locked before models load
     device = run.device
     if run.resumed and args.con_target == "ema" and args.con_weight > 0 and run.resumed["ema"] is None:
-        raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with the same "
-                         "flags")
+        raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with its flags")
 
     # ---- models: the LCM with a LoRA (the policy; the reference is the same UNet with the LoRA off), the rewards
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
@@ -585,8 +580,7 @@ def main(args: Args) -> None:
 # INFRASTRUCTURE (cm_dpo only): the flags that define a run, the checks of the flags, offline pair files
 # --------------------------------------------------------------------------------------------
 
-# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
-# ranks, fixes the sample stream); every other flag may change on resume and takes effect
+# flags --resume keeps (global_batch, --batch-size x ranks, fixes the sample stream); all others may change
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "global_batch", "grad_accum", "pairs", "pairs_file", "offline_chain", "samples_per_prompt",
              "dpo_form", "last_step", "con_target")
@@ -598,9 +592,8 @@ OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch),
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     validate_shared(args, [
-        (args.num_inference_steps == 1 and args.last_step != "smooth",
-         f"--last-step {args.last_step} leaves no step to compare with --num-inference-steps 1; use --last-step "
-         "smooth"),
+        (args.num_inference_steps == 1 and args.last_step != "smooth", f"--last-step {args.last_step} leaves no step "
+         "to compare with --num-inference-steps 1; use --last-step smooth"),
         (args.pairs == "offline" and not args.pairs_file,
          "--pairs offline needs --pairs-file (JSONL of prompt, winner, loser)"),
         (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {args.ema_decay})"),
@@ -609,9 +602,8 @@ def validate(args: Args) -> None:
 
 
 def read_pairs(path: str | Path, resolution: int) -> list[dict]:
-    """The offline pairs: [{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory.
-    Every line is checked and every image decoded once (open_image) before any model loads, so a bad line stops the
-    run with its number, not when its pair is first drawn."""
+    """[{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory. Every line is checked
+    and every image decoded (open_image) here, so a bad line stops the run with its number before any model loads."""
     path, fix = Path(path), 'write one {"prompt": ..., "winner": ..., "loser": ...} object per line'
     if not path.is_file():
         raise SystemExit(f"error: --pairs-file '{path}' does not exist; pass a JSONL file of prompt/winner/loser")
@@ -627,14 +619,10 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
             raise SystemExit(f"error: --pairs-file '{path}' line {number} needs string fields prompt, winner and loser")
         pair = {"prompt": record["prompt"], "line": number}
         for key in ("winner", "loser"):
-            image, where = path.parent / record[key], f"--pairs-file '{path}' line {number}: {key} image"
-            if not image.is_file():
-                raise SystemExit(f"error: {where} '{image}' does not exist; fix the path (relative paths start at the "
-                                 "JSONL file's directory)")
+            pair[key] = image = str(path.parent / record[key])
             if image not in checked:
-                open_image(str(image), resolution, f"{where} '{image}'").close()
+                open_image(image, resolution, f"--pairs-file '{path}' line {number}: {key} image '{image}'").close()
                 checked.add(image)
-            pair[key] = str(image)
         pairs.append(pair)
     if not pairs:
         raise SystemExit(f"error: --pairs-file '{path}' has no pairs; write one JSON object per line")
@@ -646,6 +634,9 @@ def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_
     the header first: more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS: this bounds the memory)
     or too far from a square of the resolution for the resize and center crop are refused before decoding."""
     try:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {where} does not exist; fix the path (relative paths start at the JSONL file's "
+                             "directory)")
         if os.path.getsize(path) == 0:
             raise SystemExit(f"error: {where} is empty (0 bytes); fix or remove the line")
         with warnings.catch_warnings():
