@@ -310,9 +310,8 @@ class CmDpoObjective(torch.nn.Module):
         self.unet, self.scheduler, self.schedule, self.lora_params = unet, scheduler, schedule, lora_params
         self.ema, self.beta, self.eps, self.dpo_form, self.last_step = ema, beta, eps, dpo_form, last_step
         self.con_weight, self.con_target, self.con_loss, self.checkpoint = con_weight, con_target, con_loss, checkpoint
-        # L_con's grid, the timesteps the LCM was distilled on: k-1, 2k-1, ..., T-1 with k = T / original steps
-        skip = scheduler.config.num_train_timesteps // scheduler.config.original_inference_steps
-        self.grid = torch.arange(1, scheduler.config.original_inference_steps + 1) * skip - 1
+        steps = scheduler.config.original_inference_steps  # L_con's grid: the distillation timesteps k-1, ..., T-1
+        self.grid = torch.arange(1, steps + 1) * (scheduler.config.num_train_timesteps // steps) - 1
 
     def policy(self, x, step: ChainStep, embeds, w_embedding):
         return unet_call(consistency_fn, self.checkpoint, self.unet, x, step, embeds, w_embedding)
@@ -366,9 +365,8 @@ class CmDpoObjective(torch.nn.Module):
         loss = ((pair_loss * batch.keep).mean() + (0 if con is None else self.con_weight * con.mean())
                 + (multiplier * terms["last_gap"].mean() if constrain else 0))
         return loss, {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept],
-                      "implicit_margin": margin.detach()[kept], "kl": terms["kl"].detach(),
-                      "loss_con": None if con is None else con.detach(),
-                      "last_step_gap": terms["last_gap"].detach() if constrain else None}
+                      "implicit_margin": margin.detach()[kept], "loss_con": None if con is None else con.detach(),
+                      "kl": terms["kl"].detach(), "last_step_gap": terms["last_gap"].detach() if constrain else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,10 +439,9 @@ class OfflinePairs:
         """The image resized and center-cropped, as its VAE posterior mean (not a sample: resumed runs are the same)."""
         if path not in self.latents:
             image = open_image(path, self.resolution, f"pairs file line {line}: image '{path}'")
-            image = ImageOps.fit(image, (self.resolution, self.resolution), Image.BICUBIC)
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-            latent = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean
-            self.latents[path] = (latent * vae.config.scaling_factor)[0].float().cpu()
+            pixels = np.asarray(ImageOps.fit(image, (self.resolution,) * 2, Image.BICUBIC), dtype=np.float32)
+            pixels = (torch.from_numpy(pixels) / 127.5 - 1).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
+            self.latents[path] = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)[0].float().cpu()
         return self.latents[path]
 
     @torch.no_grad()
@@ -499,9 +496,8 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
     objective = CmDpoObjective(unet, scheduler, schedule, lora_params, ema, beta=args.beta, eps=args.eps,
-                               dpo_form=args.dpo_form, last_step=args.last_step, con_weight=args.con_weight,
-                               con_target=args.con_target, con_loss=args.con_loss,
-                               checkpoint=args.gradient_checkpointing)
+                               dpo_form=args.dpo_form, last_step=args.last_step, checkpoint=args.gradient_checkpointing,
+                               con_weight=args.con_weight, con_target=args.con_target, con_loss=args.con_loss)
     grid_size, multiplier, constrain = len(objective.grid), args.last_step_multiplier, args.last_step == "constrain"
     w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, device)
     pairs_per_step = args.batch_size * args.grad_accum * run.world_size
@@ -584,7 +580,6 @@ def main(args: Args) -> None:
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "global_batch", "grad_accum", "pairs", "pairs_file", "offline_chain", "samples_per_prompt",
              "dpo_form", "last_step", "con_target")
-# what an out-of-memory error tells the user to change
 OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), lower --samples-per-prompt, keep "
            "--gradient-checkpointing, or lower --resolution")
 
@@ -630,9 +625,8 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
 
 
 def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_side_divisor: int = 8):
-    """The image fully decoded to RGB (a PIL image), or a one-line error starting with `where`. Its size is read from
-    the header first: more pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS: this bounds the memory)
-    or too far from a square of the resolution for the resize and center crop are refused before decoding."""
+    """The image decoded to RGB (PIL), or a one-line error starting with `where`. Refused from its header, before
+    decoding: more pixels than PIL's decompression-bomb limit (bounding the memory), or too far from a square."""
     try:
         if not os.path.isfile(path):
             raise SystemExit(f"error: {where} does not exist; fix the path (relative paths start at the JSONL file's "
