@@ -288,7 +288,7 @@ def weights_replaced(params: list[torch.nn.Parameter], values: list[torch.Tensor
 
 @dataclass
 class PairBatch:
-    """A micro-batch of preference pairs: b prompts; each state holds the b winners, then the b losers."""
+    """A micro-batch of b preference pairs: each state holds the b winners, then the b losers."""
 
     embeds: torch.Tensor  # (2b, tokens, dim), winners then losers
     states: list[torch.Tensor]  # K + 1 tensors (2b, C, H, W): x_K, ..., x_1, x_0
@@ -481,25 +481,24 @@ def main(args: Args) -> None:
         [record["prompt"] for record in offline.records]
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     run = Run(args)  # rank and device; a --resume checkpoint is checked and its directory locked before models load
-    device = run.device
     if run.resumed and args.con_target == "ema" and args.con_weight > 0 and run.resumed["ema"] is None:
         raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with its flags")
 
     # ---- models: the LCM with a LoRA (the policy; the reference is the same UNet with the LoRA off), the rewards
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, run.device, run.dtype)
     models = (tokenizer, text_encoder, vae, unet)
     latent_shape = check_model(args, tokenizer, vae, unet, scheduler, train_prompts + eval_prompts, run.is_main)
-    reward_fn = load_reward_spec(args.reward, device, run.dtype) if online else None  # ranks the online samples
+    reward_fn = load_reward_spec(args.reward, run.device, run.dtype) if online else None  # ranks the online samples
     eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
     ema = [p.detach().clone() for p in lora_params] if args.con_target == "ema" and args.con_weight > 0 else None
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    optimizer = torch.optim.AdamW(lora_params, args.lr, weight_decay=args.weight_decay, fused=run.device.type == "cuda")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, run.device)
     objective = CmDpoObjective(unet, scheduler, schedule, lora_params, ema, beta=args.beta, eps=args.eps,
                                dpo_form=args.dpo_form, last_step=args.last_step, checkpoint=args.gradient_checkpointing,
                                con_weight=args.con_weight, con_target=args.con_target, con_loss=args.con_loss)
     grid_size, multiplier, constrain = len(objective.grid), args.last_step_multiplier, args.last_step == "constrain"
-    w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, device)
+    w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, run.device)
     pairs_per_step = args.batch_size * args.grad_accum * run.world_size
     images_per_step = pairs_per_step * (args.samples_per_prompt if online else 2)  # offline: 2 read, none scored
     source = (f"online, best and worst of {args.samples_per_prompt} samples per prompt" if online
@@ -518,7 +517,7 @@ def main(args: Args) -> None:
         run.evaluate(step, sample, models, eval_prompts, eval_rewards, latent_shape, len(schedule))
 
     def pair_batch(step: int, micro: int) -> PairBatch:
-        where = (step, micro, run.rank, run.world_size, latent_shape, w_row, grid_size, device, run.autocast)
+        where = (step, micro, run.rank, run.world_size, latent_shape, w_row, grid_size, run.device, run.autocast)
         if online:
             return online_pairs(models, reward_fn, schedule, train_prompts, *where, seed=args.seed,
                                 batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt,
