@@ -24,6 +24,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 import tyro
+from PIL import Image, ImageOps
 
 from common import REWARDS, load_reward, missing_local_directory
 
@@ -230,27 +232,16 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # ALGORITHM: CM-DPO, the per-step log-ratio, L_DPO and L_con
 # --------------------------------------------------------------------------------------------
 
-def transition(step: ChainStep) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-    """(a, s^2): mean scale and variance of p(x_{k-1} | x_k) = N(a f(x_k), s^2 I); the last step is (1, 0)."""
-    if step.alpha_next is None:
-        return 1.0, 0.0
-    return step.alpha_next, step.sigma_next**2
-
-
 def step_weight(variance, eps: float) -> torch.Tensor:
     """The seed's w_k = 1 / max(s_k^2, eps^2): the step's precision, floored so the deterministic last step counts."""
     return 1.0 / torch.clamp(torch.as_tensor(variance, dtype=torch.float32), min=eps**2)
 
 
 def step_log_ratio(target: torch.Tensor, mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
-    """log N(target; mean_policy, 1/weight) - log N(target; mean_ref, 1/weight), summed over each sample's dimensions.
-
-    Written as <mean_policy - mean_ref, 2 target - mean_policy - mean_ref> * weight / 2, the difference of
-    the two squared distances without their cancellation: exactly zero while the policy is the reference.
-    """
+    """log N(target; mean_policy, 1/weight) - log N(target; mean_ref, 1/weight), summed over each sample's dimensions;
+    as <mean_policy - mean_ref, 2 target - mean_policy - mean_ref> * weight / 2 it is exactly 0 while policy = ref."""
     mean_policy, mean_ref = mean_policy.float(), mean_ref.float()
-    product = (mean_policy - mean_ref) * (2 * target.float() - mean_policy - mean_ref)
-    return weight * product.flatten(1).sum(1) / 2
+    return weight * ((mean_policy - mean_ref) * (2 * target.float() - mean_policy - mean_ref)).flatten(1).sum(1) / 2
 
 
 def step_divergence(mean_policy: torch.Tensor, mean_ref: torch.Tensor, weight) -> torch.Tensor:
@@ -264,42 +255,29 @@ def dpo_loss(winner: torch.Tensor, loser: torch.Tensor, beta: float) -> tuple[to
     return torch.nn.functional.softplus(-margin), margin
 
 
-# iCT's pseudo-Huber constant c = 0.00054 * sqrt(dims), here applied to the root-mean-square error
-HUBER_C = 0.00054
-
-
 def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per sample: mean squared error, or pseudo-Huber sqrt(mse + c^2) - c (iCT's, scaled to the RMS error)."""
+    """Per sample: mean squared error, or iCT's pseudo-Huber / sqrt(dims): sqrt(mse + c^2) - c with c = 0.00054."""
     mse = (prediction.float() - target.float()).square().flatten(1).mean(1)
-    return mse if kind == "l2" else (mse + HUBER_C**2).sqrt() - HUBER_C
-
-
-def consistency_grid(scheduler) -> torch.Tensor:
-    """The timesteps the LCM was distilled on: [k-1, 2k-1, ..., T-1], k = T / original_inference_steps (19 ... 999)."""
-    skip = scheduler.config.num_train_timesteps // scheduler.config.original_inference_steps
-    return torch.arange(1, scheduler.config.original_inference_steps + 1) * skip - 1
+    return mse if kind == "l2" else (mse + 0.00054**2).sqrt() - 0.00054
 
 
 @contextlib.contextmanager
 def weights_replaced(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
     """Temporarily load other values (the EMA) into the LoRA weights."""
-    with torch.no_grad():
-        backup = [p.detach().clone() for p in params]
-        for param, value in zip(params, values):
-            param.copy_(value)
+    backup = [p.detach().clone() for p in params]
     try:
+        for param, value in zip(params, values):
+            param.detach().copy_(value)
         yield
     finally:
-        with torch.no_grad():
-            for param, value in zip(params, backup):
-                param.copy_(value)
+        for param, value in zip(params, backup):
+            param.detach().copy_(value)
 
 
 @dataclass
 class PairBatch:
-    """A micro-batch of preference pairs: b prompts; each state holds the b winners, then the b losers."""
+    """A micro-batch of b preference pairs: each state holds the b winners, then the b losers."""
 
-    prompts: list[str]
     embeds: torch.Tensor  # (2b, tokens, dim), winners then losers
     states: list[torch.Tensor]  # K + 1 tensors (2b, C, H, W): x_K, ..., x_1, x_0
     keep: torch.Tensor  # (b,) float: 1 for pairs that enter L_DPO
@@ -310,21 +288,18 @@ class PairBatch:
 
 
 class CmDpoObjective(torch.nn.Module):
-    """The loss of one micro-batch of pairs as a single forward: K policy and reference passes, L_con.
-
-    Wrapping the whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward
-    per backward it expects, although it calls the UNet several times before the single backward.
-    """
+    """The loss of one micro-batch of pairs as a single forward: K policy and reference passes, L_con. Wrapping the
+    whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward per backward it expects."""
 
     def __init__(self, unet, scheduler, schedule: list[ChainStep], lora_params, ema: Optional[list], *, beta: float,
                  eps: float, dpo_form: str, last_step: str, con_weight: float, con_target: str, con_loss: str,
                  checkpoint: bool):
         super().__init__()
-        self.unet, self.scheduler, self.schedule = unet, scheduler, schedule
-        self.lora_params, self.ema = lora_params, ema
-        self.beta, self.eps, self.dpo_form, self.last_step = beta, eps, dpo_form, last_step
+        self.unet, self.scheduler, self.schedule, self.lora_params = unet, scheduler, schedule, lora_params
+        self.ema, self.beta, self.eps, self.dpo_form, self.last_step = ema, beta, eps, dpo_form, last_step
         self.con_weight, self.con_target, self.con_loss, self.checkpoint = con_weight, con_target, con_loss, checkpoint
-        self.grid = consistency_grid(scheduler)
+        steps = scheduler.config.original_inference_steps  # L_con's grid: the distillation timesteps k-1, ..., T-1
+        self.grid = torch.arange(1, steps + 1) * (scheduler.config.num_train_timesteps // steps) - 1
 
     def policy(self, x, step: ChainStep, embeds, w_embedding):
         return unet_call(consistency_fn, self.checkpoint, self.unet, x, step, embeds, w_embedding)
@@ -336,36 +311,23 @@ class CmDpoObjective(torch.nn.Module):
     def trajectory_terms(self, batch: PairBatch, w_embedding) -> dict:
         """Per chain (2b,): the per-step DPO terms (each a mean over latent dimensions) summed over steps, the
         exact KL of the stochastic steps (summed over dimensions), the last-step gap."""
-        zeros = batch.states[0].new_zeros(batch.states[0].shape[0], dtype=torch.float32)
-        dims = batch.states[0][0].numel()
-        total, kl, last_gap = zeros, zeros, zeros
-        for i, step in enumerate(self.schedule):
+        x = batch.states
+        total = kl = last_gap = torch.zeros(len(x[0]), device=x[0].device)
+        for i, step in enumerate(self.schedule[:-1] if self.last_step == "drop" else self.schedule):
             last = step.alpha_next is None
-            if last and self.last_step == "drop":
-                break
-            f_policy = self.policy(batch.states[i], step, batch.embeds, w_embedding)
-            f_ref = self.reference(batch.states[i], step, batch.embeds, w_embedding)
+            f_policy = self.policy(x[i], step, batch.embeds, w_embedding)
+            f_ref = self.reference(x[i], step, batch.embeds, w_embedding)
             if last and self.last_step == "constrain":
                 last_gap = (f_policy.float() - f_ref.float()).square().flatten(1).mean(1)
                 break
-            a, variance = transition(step)
-            weight = step_weight(variance, self.eps).to(zeros.device)
-            # divided by the latent's dimensions, so beta means the same at every resolution
-            if self.dpo_form == "logratio":
-                total = total + step_log_ratio(batch.states[i + 1], a * f_policy, a * f_ref, weight) / dims
-            else:
-                total = total + step_divergence(a * f_policy, a * f_ref, weight) / dims
-            if not last:
-                kl = kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
+            # p(x_{k-1} | x_k) = N(a f(x_k), s^2 I); the deterministic last step: a = 1, s = 0 (w_k floors s at eps)
+            a, variance = (1.0, 0.0) if last else (step.alpha_next, step.sigma_next**2)
+            weight = step_weight(variance, self.eps).to(x[0].device)
+            term = (step_log_ratio(x[i + 1], a * f_policy, a * f_ref, weight) if self.dpo_form == "logratio"
+                    else step_divergence(a * f_policy, a * f_ref, weight))
+            total = total + term / x[0][0].numel()  # a mean over the latent: beta means the same at every resolution
+            kl = kl if last else kl + step_divergence(a * f_policy.detach(), a * f_ref, 1.0 / variance)
         return {"total": total, "kl": kl, "last_gap": last_gap}
-
-    def consistency_term(self, batch: PairBatch, w_embedding) -> torch.Tensor:
-        """L_con per sample on the batch's final latents, noised to adjacent grid timesteps t_{n+1} > t_n, same z."""
-        clean, device = batch.states[-1], batch.states[-1].device
-        low = chain_step(self.scheduler, self.grid[batch.con_t], None, device)
-        high = chain_step(self.scheduler, self.grid[batch.con_t + 1], None, device)
-        return self.consistency_gap(high.alpha * clean + high.sigma * batch.con_noise, high,
-                                    low.alpha * clean + low.sigma * batch.con_noise, low, batch.embeds, w_embedding)
 
     def consistency_gap(self, x_high, high: ChainStep, x_low, low: ChainStep, embeds, w_embedding) -> torch.Tensor:
         """d(f_theta(x_high), stopgrad f_target(x_low)) per sample, the target being the reference or the EMA."""
@@ -377,25 +339,22 @@ class CmDpoObjective(torch.nn.Module):
         return consistency_loss(self.policy(x_high, high, embeds, w_embedding), target, self.con_loss)
 
     def forward(self, batch: PairBatch, w_embedding, multiplier: float):
-        """Returns (loss, per-pair / per-chain statistics, detached)."""
-        # the EMA target first: it swaps weights in place, which must happen before the graph saves them
-        con = self.consistency_term(batch, w_embedding) if self.con_weight > 0 else None
+        """Returns (loss, statistics per pair or chain, detached, named as their train/ metrics; None: not used)."""
+        con, clean = None, batch.states[-1]
+        if self.con_weight > 0:  # first: the EMA target swaps weights in place, before the graph saves them
+            # L_con on the final latents, noised to adjacent grid timesteps t_{n+1} > t_n with the same z
+            low, high = [chain_step(self.scheduler, self.grid[batch.con_t + j], None, clean.device) for j in (0, 1)]
+            x_low, x_high = [step.alpha * clean + step.sigma * batch.con_noise for step in (low, high)]
+            con = self.consistency_gap(x_high, high, x_low, low, batch.embeds, w_embedding)
         terms = self.trajectory_terms(batch, w_embedding)
-        winner, loser = terms["total"].chunk(2)
-        pair_loss, margin = dpo_loss(winner, loser, self.beta)
+        pair_loss, margin = dpo_loss(*terms["total"].chunk(2), self.beta)
+        constrain, kept = self.last_step == "constrain", batch.keep.bool()
         # skipped pairs weigh zero but still count in the mean: the step does not grow when few survive
-        loss = (pair_loss * batch.keep).mean()
-        if con is not None:
-            loss = loss + self.con_weight * con.mean()
-        constrain = self.last_step == "constrain"
-        if constrain:
-            loss = loss + multiplier * terms["last_gap"].mean()
-        kept = batch.keep.bool()
-        stats = {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept],
-                 "margin": margin.detach()[kept],
-                 "kl": terms["kl"].detach(), "loss_con": con.detach() if con is not None else None,
-                 "last_gap": terms["last_gap"].detach() if constrain else None}
-        return loss, stats
+        loss = ((pair_loss * batch.keep).mean() + (0 if con is None else self.con_weight * con.mean())
+                + (multiplier * terms["last_gap"].mean() if constrain else 0))
+        return loss, {"loss": loss.detach().reshape(1), "loss_dpo": pair_loss.detach()[kept],
+                      "implicit_margin": margin.detach()[kept], "loss_con": None if con is None else con.detach(),
+                      "kl": terms["kl"].detach(), "last_step_gap": terms["last_gap"].detach() if constrain else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,29 +362,18 @@ class CmDpoObjective(torch.nn.Module):
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], prompt_embeds,
-                      w_embedding) -> list[torch.Tensor]:
+def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], embeds, w_embedding) -> list[torch.Tensor]:
     """The K-step chain as LatentConsistencyModelPipeline runs it; states [x_K, ..., x_0], schedule[i]: i -> i + 1."""
     states = [latents]
     for k, step in enumerate(schedule):
-        denoised = consistency_fn(unet, states[-1], step, prompt_embeds, w_embedding)
+        denoised = consistency_fn(unet, states[-1], step, embeds, w_embedding)
         states.append(denoised if step.alpha_next is None else step.alpha_next * denoised + step.sigma_next * noises[k])
     return states
 
 
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> latents; the posterior mean, so cached latents and resumed runs are deterministic."""
-    return vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-
-
-def pair_indices(seed: int, batch_size: int, num_items: int, step: int, micro: int, rank: int,
-                world_size: int) -> list[tuple]:
-    """This rank's slice of the global micro-batch: (global pair index, item index) for prompts or offline pairs.
-
-    Everything random about a pair is drawn from seeds of its global index, so N ranks with batch b
-    see exactly the pairs one process with batch N*b sees.
-    """
+def pair_indices(seed: int, batch_size: int, num_items: int, step: int, micro: int, rank: int, world_size: int):
+    """This rank's slice of the global micro-batch, (global pair index, item index): every draw of a pair is seeded by
+    its global index, so N ranks with batch b see exactly the pairs one process with batch N*b sees."""
     chosen = random.Random(derived_seed(seed, step, micro)).choices(range(num_items), k=batch_size * world_size)
     return [(i, chosen[i]) for i in range(rank * batch_size, (rank + 1) * batch_size)]
 
@@ -435,17 +383,12 @@ def pair_generator(seed: int, step: int, micro: int, index: int, use: int, devic
     return torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, index, use))
 
 
-def consistency_draws(seed: int, step: int, micro: int, indices: list[int], grid_size: int, latent_shape, device):
-    """Per pair, the winner's and the loser's L_con grid index and shared noise, arranged winners then losers."""
-    draws = []
-    for i in indices:
-        generator = pair_generator(seed, step, micro, i, 1, device)
-        t = torch.randint(0, grid_size - 1, (2,), generator=generator, device=generator.device).cpu()
-        noise = torch.randn((2, *latent_shape), generator=generator, device=generator.device).to(device)
-        draws.append((t, noise))
-    t = torch.cat([torch.stack([d[0][j] for d in draws]) for j in (0, 1)])
-    noise = torch.cat([torch.stack([d[1][j] for d in draws]) for j in (0, 1)])
-    return t, noise
+def consistency_draws(seed: int, step: int, micro: int, items: list[tuple], grid_size: int, latent_shape, device):
+    """PairBatch's con_t and con_noise: per pair of items (pair_indices), the winner's and the loser's L_con draws."""
+    generators = [pair_generator(seed, step, micro, i, 1, device) for i, _ in items]
+    t = torch.stack([torch.randint(0, grid_size - 1, (2,), generator=g, device=g.device).cpu() for g in generators], 1)
+    noise = torch.stack([torch.randn((2, *latent_shape), generator=g, device=g.device) for g in generators], 1)
+    return {"con_t": t.flatten(), "con_noise": noise.flatten(0, 1).to(device)}
 
 
 @torch.no_grad()
@@ -454,28 +397,23 @@ def online_pairs(models, reward_fn, schedule, prompts: list[str], step: int, mic
                  samples_per_prompt: int, reward_margin: float) -> PairBatch:
     """Sample every prompt samples_per_prompt times from the current policy; best and worst become a pair."""
     tokenizer, text_encoder, vae, unet = models
-    items = pair_indices(seed, batch_size, len(prompts), step, micro, rank, world_size)
+    items, n = pair_indices(seed, batch_size, len(prompts), step, micro, rank, world_size), samples_per_prompt
     chosen = [prompts[j] for _, j in items]
-    n = samples_per_prompt
     draws = [draw_chain_noise((n, *latent_shape), len(schedule), pair_generator(seed, step, micro, i, 0, device),
                               device) for i, _ in items]
     latents = torch.cat([latent for latent, _ in draws])  # pair-major: pair 0's n samples, pair 1's, ...
     noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
-    sample_prompts = [prompt for prompt in chosen for _ in range(n)]
     with autocast:
         embeds = encode_prompts(tokenizer, text_encoder, chosen)
         states = sample_trajectory(unet, latents, noises, schedule, embeds.repeat_interleave(n, 0),
-                                   w_row.expand(len(sample_prompts), -1))
-        rewards = reward_fn(decode(vae, states[-1]), sample_prompts).float()
+                                   w_row.expand(len(latents), -1))
+        rewards = reward_fn(decode(vae, states[-1]), [prompt for prompt in chosen for _ in range(n)]).float()
     grouped = rewards.view(len(chosen), n)
-    rows = torch.arange(len(chosen), device=rewards.device) * n
-    best, worst = rows + grouped.argmax(1), rows + grouped.argmin(1)
-    gaps = grouped.max(1).values - grouped.min(1).values
+    gaps, rows = grouped.amax(1) - grouped.amin(1), torch.arange(len(chosen), device=rewards.device) * n
+    order = torch.cat([rows + grouped.argmax(1), rows + grouped.argmin(1)]).to(device)  # winners, then losers
     keep = ((gaps > 0) & (gaps >= reward_margin)).float().to(device)
-    order = torch.cat([best, worst]).to(device)
-    con_t, con_noise = consistency_draws(seed, step, micro, [i for i, _ in items], grid_size, latent_shape, device)
-    return PairBatch(prompts=chosen, embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep,
-                     con_t=con_t, con_noise=con_noise, rewards=rewards, gaps=gaps)
+    return PairBatch(embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep, rewards=rewards,
+                     gaps=gaps, **consistency_draws(seed, step, micro, items, grid_size, latent_shape, device))
 
 
 class OfflinePairs:
@@ -486,9 +424,12 @@ class OfflinePairs:
         self.resolution, self.offline_chain, self.seed, self.batch_size = resolution, offline_chain, seed, batch_size
 
     def latent(self, vae, path: str, line: int) -> torch.Tensor:
+        """The image resized and center-cropped, as its VAE posterior mean (not a sample: resumed runs are the same)."""
         if path not in self.latents:
-            image = load_image(path, self.resolution, line)[None]
-            self.latents[path] = encode_images(vae, image)[0].float().cpu()
+            image = open_image(path, self.resolution, f"pairs file line {line}: image '{path}'")
+            pixels = np.asarray(ImageOps.fit(image, (self.resolution,) * 2, Image.BICUBIC), dtype=np.float32)
+            pixels = (torch.from_numpy(pixels) / 127.5 - 1).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
+            self.latents[path] = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)[0].float().cpu()
         return self.latents[path]
 
     @torch.no_grad()
@@ -499,28 +440,19 @@ class OfflinePairs:
         items = pair_indices(self.seed, self.batch_size, len(self.records), step, micro, rank, world_size)
         records = [self.records[j] for _, j in items]
         clean = torch.stack([self.latent(vae, r[key], r["line"]) for key in ("winner", "loser") for r in records])
-        clean = clean.to(device)
         noise = [torch.randn((len(schedule), *latent_shape), device=device,
                              generator=pair_generator(self.seed, step, micro, i, 0, device)) for i, _ in items]
         noise = torch.stack(noise + noise, dim=1)  # (K, 2b, ...): the winner and loser of a pair share it
-        prompts = [r["prompt"] for r in records]
         with autocast:
-            embeds = encode_prompts(tokenizer, text_encoder, prompts)
-        embeds = torch.cat([embeds, embeds])
-        states = []
-        for i, current in enumerate(schedule):
-            if self.offline_chain == "forward" or i == 0:
-                states.append(current.alpha * clean + current.sigma * noise[i])
-            else:
-                previous = schedule[i - 1]
-                with autocast:
-                    reference = reference_fn(unet, states[-1], previous, embeds, w_row.expand(len(embeds), -1))
-                states.append(previous.alpha_next * reference.float() + previous.sigma_next * noise[i])
-        states.append(clean)
-        con_t, con_noise = consistency_draws(self.seed, step, micro, [i for i, _ in items], grid_size, latent_shape,
-                                             device)
-        return PairBatch(prompts=prompts, embeds=embeds, states=states, keep=torch.ones(len(records), device=device),
-                         con_t=con_t, con_noise=con_noise)
+            embeds = torch.cat(2 * [encode_prompts(tokenizer, text_encoder, [r["prompt"] for r in records])])
+        clean, w = clean.to(device), w_row.expand(len(embeds), -1)
+        states = [schedule[0].alpha * clean + schedule[0].sigma * noise[0]]  # x_K: the clean latent, noised
+        for i, previous in enumerate(schedule[:-1], start=1):
+            with autocast:  # forward: the clean latent noised again; renoise: the reference's step from the last state
+                mean = clean if self.offline_chain == "forward" else reference_fn(unet, states[-1], previous, embeds, w)
+            states.append(previous.alpha_next * mean.float() + previous.sigma_next * noise[i])
+        return PairBatch(embeds=embeds, states=[*states, clean], keep=torch.ones(len(records), device=device),
+                         **consistency_draws(self.seed, step, micro, items, grid_size, latent_shape, device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,27 +469,24 @@ def main(args: Args) -> None:
         [record["prompt"] for record in offline.records]
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
     run = Run(args)  # rank and device; a --resume checkpoint is checked and its directory locked before models load
-    device = run.device
     if run.resumed and args.con_target == "ema" and args.con_weight > 0 and run.resumed["ema"] is None:
-        raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with the same "
-                         "flags")
+        raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with its flags")
 
     # ---- models: the LCM with a LoRA (the policy; the reference is the same UNet with the LoRA off), the rewards
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
+    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, run.device, run.dtype)
     models = (tokenizer, text_encoder, vae, unet)
     latent_shape = check_model(args, tokenizer, vae, unet, scheduler, train_prompts + eval_prompts, run.is_main)
-    reward_fn = load_reward_spec(args.reward, device, run.dtype) if online else None  # ranks the online samples
+    reward_fn = load_reward_spec(args.reward, run.device, run.dtype) if online else None  # ranks the online samples
     eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
     ema = [p.detach().clone() for p in lora_params] if args.con_target == "ema" and args.con_weight > 0 else None
-    optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
+    optimizer = torch.optim.AdamW(lora_params, args.lr, weight_decay=args.weight_decay, fused=run.device.type == "cuda")
+    schedule = lcm_schedule(scheduler, args.num_inference_steps, run.device)
     objective = CmDpoObjective(unet, scheduler, schedule, lora_params, ema, beta=args.beta, eps=args.eps,
-                               dpo_form=args.dpo_form, last_step=args.last_step, con_weight=args.con_weight,
-                               con_target=args.con_target, con_loss=args.con_loss,
-                               checkpoint=args.gradient_checkpointing)
-    grid_size, multiplier = len(objective.grid), args.last_step_multiplier
-    w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, device)
+                               dpo_form=args.dpo_form, last_step=args.last_step, checkpoint=args.gradient_checkpointing,
+                               con_weight=args.con_weight, con_target=args.con_target, con_loss=args.con_loss)
+    grid_size, multiplier, constrain = len(objective.grid), args.last_step_multiplier, args.last_step == "constrain"
+    w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, run.device)
     pairs_per_step = args.batch_size * args.grad_accum * run.world_size
     images_per_step = pairs_per_step * (args.samples_per_prompt if online else 2)  # offline: 2 read, none scored
     source = (f"online, best and worst of {args.samples_per_prompt} samples per prompt" if online
@@ -576,13 +505,12 @@ def main(args: Args) -> None:
         run.evaluate(step, sample, models, eval_prompts, eval_rewards, latent_shape, len(schedule))
 
     def pair_batch(step: int, micro: int) -> PairBatch:
+        where = (step, micro, run.rank, run.world_size, latent_shape, w_row, grid_size, run.device, run.autocast)
         if online:
-            return online_pairs(models, reward_fn, schedule, train_prompts, step, micro, run.rank, run.world_size,
-                                latent_shape, w_row, grid_size, device, run.autocast, seed=args.seed,
+            return online_pairs(models, reward_fn, schedule, train_prompts, *where, seed=args.seed,
                                 batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt,
                                 reward_margin=args.reward_margin)
-        return offline.batch(models, schedule, step, micro, run.rank, run.world_size, latent_shape, w_row, grid_size,
-                             device, run.autocast)
+        return offline.batch(models, schedule, *where)
 
     def gathered(name: str) -> float:  # this step's mean of a statistic over every rank's micro-batches
         return global_mean(torch.cat([s[name] for s in stats]), run.world_size)
@@ -604,34 +532,26 @@ def main(args: Args) -> None:
                     loss, micro_stats = objective(batch, w_row.expand(len(batch.embeds), -1), multiplier)
                 finite &= torch.isfinite(loss).item()
                 run.grad_scaler.scale(loss / args.grad_accum).backward()
-            stats.append({**micro_stats, "accuracy": (micro_stats["margin"] > 0).float(), "rewards": batch.rewards,
-                          "gaps": batch.gaps, "keep": batch.keep})
+            stats.append({**micro_stats, "implicit_accuracy": (micro_stats["implicit_margin"] > 0).float(),
+                          "kept_pairs": batch.keep, "reward": batch.rewards, "reward_gap": batch.gaps})
         # ---- update: skipped on every rank together when a loss or a gradient is not finite; then EMA, dual ascent
         grad_norm = run.update(step, finite, lora_params, args.max_grad_norm)
         if grad_norm is not None and ema is not None:
             for average, param in zip(ema, lora_params):
                 average.lerp_(param.detach(), 1 - args.ema_decay)
-        if grad_norm is not None and args.last_step == "constrain" and args.dual_lr > 0:
+        if grad_norm is not None and constrain and args.dual_lr > 0:
             # every rank sees the same global gap, so the multiplier stays identical across ranks
-            multiplier = max(0.0, multiplier + args.dual_lr * (gathered("last_gap") - args.last_step_budget))
+            multiplier = max(0.0, multiplier + args.dual_lr * (gathered("last_step_gap") - args.last_step_budget))
         step_time = time.perf_counter() - started
-        # ---- log
+        # ---- log: every statistic in use (online: the rewards, --last-step constrain: the gap and the multiplier)
         if grad_norm is not None and step % args.log_every == 0:
-            metrics = {"train/loss": gathered("loss"), "train/loss_dpo": gathered("loss_dpo"),
-                       "train/implicit_margin": gathered("margin"), "train/implicit_accuracy": gathered("accuracy"),
-                       "train/kept_pairs": gathered("keep"), "train/kl": gathered("kl"), "train/grad_norm": grad_norm}
-            metrics["train/divergence"] = metrics["train/kl"]
-            if args.con_weight > 0:
-                metrics["train/loss_con"] = gathered("loss_con")
-            if online:
-                metrics.update({"train/reward": gathered("rewards"), "train/reward_gap": gathered("gaps")})
-            if args.last_step == "constrain":
-                metrics.update({"train/last_step_gap": gathered("last_gap"), "train/multiplier": multiplier})
-            run.log_step(step, metrics, (f"reward {metrics['train/reward']:.4f} " if online else "") +
-                         f"loss_dpo {metrics['train/loss_dpo']:.4f} margin {metrics['train/implicit_margin']:.4f} "
-                         f"accuracy {metrics['train/implicit_accuracy']:.2f} kl {metrics['train/kl']:.4f} loss "
-                         f"{metrics['train/loss']:.4f} | {pairs_per_step / step_time:.2f} pairs/s", step_time,
-                         images_per_step, images_per_step if online else 0)
+            m = {name: gathered(name) for name, value in stats[0].items() if value is not None}
+            m |= {"divergence": m["kl"], "grad_norm": grad_norm} | ({"multiplier": multiplier} if constrain else {})
+            text = (f"reward {m['reward']:.4f} " if online else "") + (
+                f"loss_dpo {m['loss_dpo']:.4f} margin {m['implicit_margin']:.4f} accuracy {m['implicit_accuracy']:.2f} "
+                f"kl {m['kl']:.4f} loss {m['loss']:.4f} | {pairs_per_step / step_time:.2f} pairs/s")
+            run.log_step(step, {f"train/{name}": value for name, value in m.items()}, text, step_time, images_per_step,
+                         images_per_step if online else 0)
         # ---- save and evaluate
         run.save(step, multiplier=multiplier, ema=ema)
         if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
@@ -643,12 +563,10 @@ def main(args: Args) -> None:
 # INFRASTRUCTURE (cm_dpo only): the flags that define a run, the checks of the flags, offline pair files
 # --------------------------------------------------------------------------------------------
 
-# flags that define a run: --resume refuses other values than the checkpoint's (global_batch, --batch-size x
-# ranks, fixes the sample stream); every other flag may change on resume and takes effect
+# flags --resume keeps (global_batch, --batch-size x ranks, fixes the sample stream); all others may change
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "global_batch", "grad_accum", "pairs", "pairs_file", "offline_chain", "samples_per_prompt",
              "dpo_form", "last_step", "con_target")
-# what an out-of-memory error tells the user to change
 OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), lower --samples-per-prompt, keep "
            "--gradient-checkpointing, or lower --resolution")
 
@@ -656,9 +574,8 @@ OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch),
 def validate(args: Args) -> None:
     """Reject impossible settings with a one-line message before anything is loaded."""
     validate_shared(args, [
-        (args.num_inference_steps == 1 and args.last_step != "smooth",
-         f"--last-step {args.last_step} leaves no step to compare with --num-inference-steps 1; use --last-step "
-         "smooth"),
+        (args.num_inference_steps == 1 and args.last_step != "smooth", f"--last-step {args.last_step} leaves no step "
+         "to compare with --num-inference-steps 1; use --last-step smooth"),
         (args.pairs == "offline" and not args.pairs_file,
          "--pairs offline needs --pairs-file (JSONL of prompt, winner, loser)"),
         (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {args.ema_decay})"),
@@ -666,93 +583,57 @@ def validate(args: Args) -> None:
         last_step_multiplier=">= 0", dual_lr=">= 0", last_step_budget=">= 0")
 
 
-# offline pair images farther than this from a square of the training resolution are refused
-MAX_ASPECT = 4
-MIN_SIDE_DIVISOR = 8
-
-
 def read_pairs(path: str | Path, resolution: int) -> list[dict]:
-    """The offline pairs: [{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory.
-
-    Every line is checked before anything is loaded, every image decoded once (open_image), so a bad
-    line stops the run with its number before any model loads, not when its pair is first drawn.
-    """
-    path = Path(path)
+    """[{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory. Every line is checked
+    and every image decoded (open_image) here, so a bad line stops the run with its number before any model loads."""
+    path, fix = Path(path), 'write one {"prompt": ..., "winner": ..., "loser": ...} object per line'
     if not path.is_file():
         raise SystemExit(f"error: --pairs-file '{path}' does not exist; pass a JSONL file of prompt/winner/loser")
-    text = read_text(path, "--pairs-file", 'write one {"prompt": ..., "winner": ..., "loser": ...} object per line')
-    pairs, checked = [], set()
-    for number, line in enumerate(text.splitlines(), start=1):
+    pairs, checked, fields = [], set(), ("prompt", "winner", "loser")
+    for number, line in enumerate(read_text(path, "--pairs-file", fix).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise SystemExit(f"error: --pairs-file '{path}' line {number} is not valid JSON ({error.msg}); "
-                             'write one {"prompt": ..., "winner": ..., "loser": ...} object per line')
-        fields = ("prompt", "winner", "loser")
+            raise SystemExit(f"error: --pairs-file '{path}' line {number} is not valid JSON ({error.msg}); {fix}")
         if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in fields):
             raise SystemExit(f"error: --pairs-file '{path}' line {number} needs string fields prompt, winner and loser")
+        pair = {"prompt": record["prompt"], "line": number}
         for key in ("winner", "loser"):
-            image = path.parent / record[key]
-            if not image.is_file():
-                raise SystemExit(f"error: --pairs-file '{path}' line {number}: {key} image '{image}' does not exist; "
-                                 "fix the path (relative paths start at the JSONL file's directory)")
+            pair[key] = image = str(path.parent / record[key])
             if image not in checked:
-                where = f"--pairs-file '{path}' line {number}: {key} image '{image}'"
-                open_image(str(image), resolution, where).close()
+                open_image(image, resolution, f"--pairs-file '{path}' line {number}: {key} image '{image}'").close()
                 checked.add(image)
-            record[key] = str(image)
-        pairs.append({"prompt": record["prompt"], "winner": record["winner"], "loser": record["loser"], "line": number})
+        pairs.append(pair)
     if not pairs:
         raise SystemExit(f"error: --pairs-file '{path}' has no pairs; write one JSON object per line")
     return pairs
 
 
-def open_image(path: str, resolution: int, where: str):
-    """The image fully decoded to RGB (a PIL image), or a one-line error starting with `where`.
-
-    Its size is read from the header first: more pixels than PIL's decompression-bomb limit
-    (Image.MAX_IMAGE_PIXELS) are refused before decoding, which bounds the memory; so are images
-    too far from resolution x resolution for the short-side resize and center crop of load_image,
-    an aspect ratio above MAX_ASPECT or a shorter side below resolution / MIN_SIDE_DIVISOR.
-    """
-    import warnings
-
-    from PIL import Image
-
+def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_side_divisor: int = 8):
+    """The image decoded to RGB (PIL), or a one-line error starting with `where`. Refused from its header, before
+    decoding: more pixels than PIL's decompression-bomb limit (bounding the memory), or too far from a square."""
     try:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {where} does not exist; fix the path (relative paths start at the JSONL file's "
+                             "directory)")
         if os.path.getsize(path) == 0:
             raise SystemExit(f"error: {where} is empty (0 bytes); fix or remove the line")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice its limit
             with Image.open(path) as image:
                 short, long = sorted(image.size)
-                if long > MAX_ASPECT * short or short * MIN_SIDE_DIVISOR < resolution:
-                    raise SystemExit(
-                        f"error: {where} is {image.width}x{image.height} pixels, too far from the training resolution "
-                        f"{resolution}x{resolution} (refused: an aspect ratio above {MAX_ASPECT} or a shorter side "
-                        f"below {resolution / MIN_SIDE_DIVISOR:g} = resolution / {MIN_SIDE_DIVISOR}); crop or resize "
-                        "it, or remove the line")
+                if long > max_aspect * short or short * min_side_divisor < resolution:
+                    raise SystemExit(f"error: {where} is {image.width}x{image.height} pixels, too far from the "
+                                     f"training resolution {resolution}x{resolution} (refused: an aspect ratio above "
+                                     f"{max_aspect} or a shorter side below {resolution / min_side_divisor:g} = "
+                                     f"resolution / {min_side_divisor}); crop or resize it, or remove the line")
                 return image.convert("RGB")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise SystemExit(f"error: {where} is too large to decode ({error}); resize it or remove the line")
     except Exception as error:  # PIL raises several types for unreadable or truncated files
         raise SystemExit(f"error: {where} cannot be read as an image ({error}); fix or remove the line")
-
-
-def load_image(path: str, resolution: int, line: int) -> torch.Tensor:
-    """An RGB image, short side resized to resolution and center-cropped, as (3, H, W) in [-1, 1]."""
-    from PIL import Image
-
-    image = open_image(path, resolution, f"pairs file line {line}: image '{path}'")
-    scale = resolution / min(image.size)
-    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((width, height), Image.BICUBIC)
-    left, top = (width - resolution) // 2, (height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return pixels.permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------------------------

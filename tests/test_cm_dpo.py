@@ -148,7 +148,7 @@ def test_log_ratios_are_means_over_latent_dimensions_and_the_kl_stays_exact(lcm,
     assert torch.allclose(terms["total"], log_ratio, rtol=1e-3, atol=1e-6), (terms["total"], log_ratio)
     assert torch.allclose(terms["kl"], kl, rtol=1e-3)
     winner, loser = log_ratio.chunk(2)
-    assert torch.allclose(stats["margin"], 2.0 * (winner - loser), rtol=1e-3, atol=1e-6)
+    assert torch.allclose(stats["implicit_margin"], 2.0 * (winner - loser), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("dpo_form", ["logratio", "seed"])
@@ -158,7 +158,7 @@ def test_dpo_loss_is_log_2_before_the_first_update(lcm, pairs_file, dpo_form, la
     args = make_args(dpo_form=dpo_form, last_step=last_step)
     batch, schedule, w_embedding = offline_batch(lcm, args, pairs_file)
     loss, stats = objective_of(lcm, args, schedule)(batch, w_embedding, 1.0)
-    assert torch.equal(stats["margin"], torch.zeros(2))
+    assert torch.equal(stats["implicit_margin"], torch.zeros(2))
     assert torch.equal(stats["loss_dpo"], torch.full((2,), math.log(2.0)))
     assert loss.item() == pytest.approx(math.log(2.0), abs=1e-7)
     assert torch.equal(stats["kl"], torch.zeros(4))
@@ -183,7 +183,7 @@ def test_a_few_steps_on_a_fixed_pair_raise_the_implicit_margin(lcm, pairs_file):
     objective = train(lcm, args, batch, schedule, w_embedding, steps=4)
     with torch.no_grad():
         loss, stats = objective(batch, w_embedding, 1.0)
-    assert (stats["margin"] > 0).all(), stats["margin"]
+    assert (stats["implicit_margin"] > 0).all(), stats["implicit_margin"]
     assert loss.item() < math.log(2.0)
 
 
