@@ -9,8 +9,7 @@ winner chain w and a loser chain l of one prompt, from online_pairs or OfflinePa
     w_k   = 1 / max(s_k^2, eps^2), the seed's weighting: the step's precision, floored  step_weight
     L_con = d(f(x_{t_{n+1}}), stopgrad f_target(x_{t_n})) on adjacent grid timesteps    consistency_loss
 
-r_k is a mean over the D latent dimensions, so beta means the same at every resolution. The seed's literal term
-(--dpo-form seed, step_divergence) is r_k's expectation, which pushes the WINNER away from the reference.
+r_k averages over the D latent dims (one beta at any resolution); the seed's term (--dpo-form seed) pushes WINNERS away.
 
 Run (GPU):  python cm_dpo.py --reward pickscore --train-steps 2000 --track   (or --pairs offline --pairs-file F.jsonl)
 Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
@@ -34,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 import tyro
-from PIL import Image, ImageOps
 
 from common import REWARDS, load_reward, missing_local_directory
 
@@ -425,6 +423,8 @@ class OfflinePairs:
 
     def latent(self, vae, path: str, line: int) -> torch.Tensor:
         """The image resized and center-cropped, as its VAE posterior mean (not a sample: resumed runs are the same)."""
+        from PIL import Image, ImageOps
+
         if path not in self.latents:
             image = open_image(path, self.resolution, f"pairs file line {line}: image '{path}'")
             pixels = np.asarray(ImageOps.fit(image, (self.resolution,) * 2, Image.BICUBIC), dtype=np.float32)
@@ -614,6 +614,8 @@ def read_pairs(path: str | Path, resolution: int) -> list[dict]:
 def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_side_divisor: int = 8):
     """The image decoded to RGB (PIL), or a one-line error starting with `where`. Refused from its header, before
     decoding: more pixels than PIL's decompression-bomb limit (bounding the memory), or too far from a square."""
+    from PIL import Image
+
     try:
         if not os.path.isfile(path):
             raise SystemExit(f"error: {where} does not exist; fix the path (relative paths start at the JSONL file's "
@@ -1164,8 +1166,7 @@ def lock_run_dir(run_dir: Path):
         raise SystemExit(f"error: another process (pid {lock.read().strip() or '?'}) is training in '{run_dir}'; "
                          "wait for it to end or stop it")
     lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
+    print(os.getpid(), file=lock, end="", flush=True)
     return lock
 
 
@@ -1233,8 +1234,8 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
 
 def validate_shared(args, problems: list = (), **bounds: str) -> None:
     """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
-    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), seed and
-    guidance ranges, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
+    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the seed's
+    range, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not np.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
@@ -1242,7 +1243,8 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
               "eval_batch_size": ">= 1", "lr": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0; 0 switches the LoRA off",
               "weight_decay": ">= 0", "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0",
               "max_grad_norm": "> 0; 0 zeroes every update, a negative value reverses it", "resolution": ">= 1",
-              "checkpoint_limit": ">= 1", **bounds}
+              "checkpoint_limit": ">= 1", "guidance_scale": ">= 1; the LCM is conditioned on w = guidance_scale - 1",
+              **bounds}
     for name, spec in bounds.items():
         bound, _, why = spec.partition("; ")
         value, (relation, limit) = getattr(args, name), bound.split()
@@ -1250,9 +1252,6 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
     if not 0 <= args.seed < 2**32:
         raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
-    if args.guidance_scale < 1:
-        raise SystemExit(f"error: --guidance-scale must be >= 1: the LCM is conditioned on w = guidance_scale - 1, "
-                         f"which must be >= 0 (got {args.guidance_scale})")
     problem = missing_local_directory(args.model)
     if problem:
         raise SystemExit(f"error: could not load the LCM pipeline: --model directory '{args.model}' {problem}; pass an "

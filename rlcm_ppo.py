@@ -1079,8 +1079,7 @@ def lock_run_dir(run_dir: Path):
         raise SystemExit(f"error: another process (pid {lock.read().strip() or '?'}) is training in '{run_dir}'; "
                          "wait for it to end or stop it")
     lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
+    print(os.getpid(), file=lock, end="", flush=True)
     return lock
 
 
@@ -1148,8 +1147,8 @@ def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[
 
 def validate_shared(args, problems: list = (), **bounds: str) -> None:
     """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
-    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), seed and
-    guidance ranges, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
+    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the seed's
+    range, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
     for name, value in asdict(args).items():
         if isinstance(value, float) and not np.isfinite(value):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
@@ -1157,7 +1156,8 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
               "eval_batch_size": ">= 1", "lr": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0; 0 switches the LoRA off",
               "weight_decay": ">= 0", "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0",
               "max_grad_norm": "> 0; 0 zeroes every update, a negative value reverses it", "resolution": ">= 1",
-              "checkpoint_limit": ">= 1", **bounds}
+              "checkpoint_limit": ">= 1", "guidance_scale": ">= 1; the LCM is conditioned on w = guidance_scale - 1",
+              **bounds}
     for name, spec in bounds.items():
         bound, _, why = spec.partition("; ")
         value, (relation, limit) = getattr(args, name), bound.split()
@@ -1165,9 +1165,6 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
     if not 0 <= args.seed < 2**32:
         raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
-    if args.guidance_scale < 1:
-        raise SystemExit(f"error: --guidance-scale must be >= 1: the LCM is conditioned on w = guidance_scale - 1, "
-                         f"which must be >= 0 (got {args.guidance_scale})")
     problem = missing_local_directory(args.model)
     if problem:
         raise SystemExit(f"error: could not load the LCM pipeline: --model directory '{args.model}' {problem}; pass an "
