@@ -545,12 +545,12 @@ def main(args: Args) -> None:
         step_time = time.perf_counter() - started
         # ---- log: every statistic in use (online: the rewards, --last-step constrain: the gap and the multiplier)
         if grad_norm is not None and step % args.log_every == 0:
-            m = {name: gathered(name) for name, value in stats[0].items() if value is not None}
-            m |= {"divergence": m["kl"], "grad_norm": grad_norm} | ({"multiplier": multiplier} if constrain else {})
-            text = (f"reward {m['reward']:.4f} " if online else "") + (
-                f"loss_dpo {m['loss_dpo']:.4f} margin {m['implicit_margin']:.4f} accuracy {m['implicit_accuracy']:.2f} "
-                f"kl {m['kl']:.4f} loss {m['loss']:.4f} | {pairs_per_step / step_time:.2f} pairs/s")
-            run.log_step(step, {f"train/{name}": value for name, value in m.items()}, text, step_time, images_per_step,
+            means = {name: gathered(name) for name, value in stats[0].items() if value is not None}
+            means.update(divergence=means["kl"], grad_norm=grad_norm, **{"multiplier": multiplier} if constrain else {})
+            text = (("reward {reward:.4f} " if online else "") + "loss_dpo {loss_dpo:.4f} margin {implicit_margin:.4f} "
+                    "accuracy {implicit_accuracy:.2f} kl {kl:.4f} loss {loss:.4f}").format_map(means)
+            run.log_step(step, {f"train/{name}": value for name, value in means.items()},
+                         f"{text} | {pairs_per_step / step_time:.2f} pairs/s", step_time, images_per_step,
                          images_per_step if online else 0)
         # ---- save and evaluate
         run.save(step, multiplier=multiplier, ema=ema)

@@ -3,6 +3,7 @@ applies what may change and refuses what it cannot honour; run directories are u
 save keeps the weights. Functions named alike in the four scripts are identical copies (the tests that need
 no training run call each script's copy)."""
 
+import dataclasses
 import errno
 import importlib
 import os
@@ -163,6 +164,18 @@ def test_resume_refuses_other_run_defining_flags(tiny, run_copy, flags, message,
     with pytest.raises(SystemExit, match=f"^error: '{re.escape(str(checkpoint))}' was trained with "
                                          f"{re.escape(message)}; resume with the same value or start a new run$"):
         rocm_kl.main(args)
+
+
+def test_flags_changed_on_resume_are_named_as_the_user_passes_them(tiny, run_copy, capsys):
+    """Two ranks at half the batch keep the sample stream: allowed, and the line says "ranks", not --world-size."""
+    rocm_kl = importlib.import_module("rocm_kl")
+    args = tyro.cli(rocm_kl.Args, args=[*tiny_args(tiny, steps=4), *CPU, "--save-every", "2", "--resume",
+                                        str(run_copy), "--batch-size", "1", "--lr", "1e-3"])
+    record = {"script": "rocm_kl.py", "args": {**dataclasses.asdict(args), "world_size": 2, "global_batch": 2}}
+    state, lock = rocm_kl.prepare_run(args, record, is_main=True)
+    lock.close()
+    assert state["changed"] == {"batch_size": [2, 1], "lr": [0.01, 0.001], "world_size": [1, 2]}
+    assert capsys.readouterr().out.strip() == "changed on resume: --batch-size 2 -> 1, --lr 0.01 -> 0.001, ranks 1 -> 2"
 
 
 # --- 3, 4: another script's checkpoint, an unreadable checkpoint --------------------------------------------
