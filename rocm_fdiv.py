@@ -402,14 +402,13 @@ def validate(args: Args) -> None:
 # --------------------------------------------------------------------------------------------
 
 class Run:
-    """This process's share of a run: rank and device, mixed precision, the run directory (locked while it trains),
-    the non-finite guard, logging, evaluation and saving. Built before any model loads."""
+    """This process's share of a run (ranks, mixed precision, locked run directory, non-finite guard, logging,
+    evaluation, saving); built before any model loads."""
 
     def __init__(self, args, unit: str = "step"):
         self.args, self.unit, self.started = args, unit, time.time()
-        # torchrun's environment variables switch on the process group
         self.rank, self.world_size, self.device = 0, int(os.environ.get("WORLD_SIZE", "1")), torch.device(args.device)
-        if self.world_size > 1:
+        if self.world_size > 1:  # started by torchrun, whose environment variables name the process group
             if args.device.startswith("cuda"):
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
@@ -422,16 +421,16 @@ class Run:
         self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
-        self.in_a_row = self.skipped = 0
         self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"  # what a non-finite stop advises
         self.good = self.pending = None  # training states: the newest with a finite loss; this update's start
-        self.scores, self.scored_step, self.wandb = {}, None, None
+        self.in_a_row, self.skipped, self.scores, self.scored_step, self.wandb = 0, 0, {}, None, None
         torch.manual_seed(args.seed)
 
     def begin(self, unet, optimizer, objective, batch_text: str):
-        """Restore the --resume checkpoint (the script restores its own state from self.resumed) or make a new run
-        directory; returns (the step it starts after, the objective wrapped for DDP)."""
+        """Resume (the script restores its own extra state from self.resumed) or make a new run directory; returns
+        (the step it starts after, the objective wrapped for DDP)."""
         self.unet, self.optimizer, resumed, args = unet, optimizer, self.resumed or {}, self.args
+        self.start_step, self.started = resumed.get("step", 0), self.started - resumed.get("elapsed_s", 0.0)
         if resumed:
             set_lora(unet, resumed["lora"])
             optimizer.load_state_dict(resumed["optimizer"])
@@ -440,26 +439,22 @@ class Run:
             if resumed["grad_scaler"] and self.grad_scaler.is_enabled():  # a loss scale exists only under fp16
                 self.grad_scaler.load_state_dict(resumed["grad_scaler"])
             self.run_dir = resumed["path"].parent.parent
-        else:
-            self.run_dir = new_run_dir(args, self.is_main, self.world_size)
-            self.lock = lock_run_dir(self.run_dir) if self.is_main else None
-        self.start_step, self.elapsed_before = resumed.get("step", 0), resumed.get("elapsed_s", 0.0)
-        if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-            objective = torch.nn.parallel.DistributedDataParallel(
-                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
-        if self.is_main:  # args.json keeps the flags the run started with; each resume appends its own
-            if resumed:
+            if self.is_main:  # args.json keeps the flags the run started with; each resume appends its own
                 with (self.run_dir / "resumes.jsonl").open("a") as f:
                     f.write(json.dumps({"step": self.start_step, "checkpoint": str(resumed["path"]),
                                         "changed": resumed["changed"], "args": asdict(args)}) + "\n")
-            else:
+        else:
+            self.run_dir = new_run_dir(args, self.is_main, self.world_size)
+            if self.is_main:
+                self.lock = lock_run_dir(self.run_dir)
                 (self.run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-            print(f"run directory: {self.run_dir}" + (f" (resumed at {self.unit} {self.start_step})" * bool(resumed)))
-            print(f"effective batch: {batch_text} per {self.unit}")
+        if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
+            objective = torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
+        if self.is_main:
+            resumed_at = f" (resumed at {self.unit} {self.start_step})" if resumed else ""
+            print(f"run directory: {self.run_dir}{resumed_at}\neffective batch: {batch_text} per {self.unit}")
             if args.track:  # a resumed run continues its wandb run, whose id is kept in the run directory
                 import wandb
-
                 id_file = self.run_dir / "wandb_run_id.txt"
                 id_file.write_text(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),
                                               name=self.run_dir.name, resume="allow",
@@ -470,7 +465,7 @@ class Run:
 
     def state(self, step: int, **extra) -> dict:
         return training_state(step, self.unet, self.optimizer, self.grad_scaler,
-                              {**self.record, "elapsed_s": self.elapsed()}, **extra)
+                              {**self.record, "elapsed_s": time.time() - self.started}, **extra)
 
     def snapshot(self, step: int, **extra) -> None:
         """Keep the state at the start of an update: it becomes the good one once the update's loss is finite."""
@@ -478,8 +473,7 @@ class Run:
 
     @contextlib.contextmanager
     def backward_pass(self, objective, step: int, last: bool = True):
-        """Around a micro-batch's forward and backward: ranks all-reduce gradients only in the last micro-batch's
-        backward; running out of memory is one line naming the flags that help."""
+        """Around a micro-batch's forward and backward: DDP all-reduces only in the last; out of memory is one line."""
         try:
             with contextlib.nullcontext() if last or self.world_size == 1 else objective.no_sync():
                 yield
@@ -487,15 +481,12 @@ class Run:
             raise SystemExit(f"error: out of memory at {self.unit} {step}; {OOM_FIX}")
 
     def update(self, step: int, finite: bool, params, max_grad_norm: float) -> Optional[float]:
-        """Clip and apply the gradients, or skip the update on every rank together if a loss or gradient was not
-        finite on any (a non-finite loss still ran backward, so every rank joined the same all-reduce). Stops the
-        run after --max-nonfinite-steps skips in a row. Returns the gradient norm, None if skipped."""
+        """Clip and step, or skip the update on all ranks if any rank's loss or gradient was not finite (a non-finite
+        loss still ran backward, so the ranks' all-reduces stay aligned). Returns the gradient norm, None if skipped."""
         self.grad_scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        failed = torch.tensor(float(not finite or not torch.isfinite(grad_norm)), device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        finite = not failed.item()
+        ok = torch.tensor(float(finite and torch.isfinite(grad_norm)), device=self.device)
+        finite = global_mean(ok, self.world_size) == 1  # on every rank, so that all ranks step or all skip
         if finite:
             self.good, self.pending, self.in_a_row = self.pending or self.good, None, 0
             self.grad_scaler.step(self.optimizer)
@@ -508,33 +499,29 @@ class Run:
         self.grad_scaler.update()  # after a skip under fp16 this lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.in_a_row >= self.args.max_nonfinite_steps:
-            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}", self.nonfinite_fix)
+            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}")
         return grad_norm.item() if finite else None
 
-    def stop(self, what: str, fix: str) -> None:
-        """End the run with one line naming the checkpoint to resume from: the newest state whose weights gave a
-        finite loss, saved unless a checkpoint of its step exists (never pruning)."""
+    def stop(self, what: str) -> None:
+        """Exit naming the checkpoint to resume from: the last finite weights, saved if their step has none."""
         target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
-        if self.is_main and self.good:
-            self.set_aside_newer_checkpoints()
-            if not (target / "training_state.pt").is_file():
-                set_lora(self.unet, self.good["lora"])
+        if self.good:
+            self.restore_good()
+            if self.is_main and not (target / "training_state.pt").is_file():
                 target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
         if not target:
-            raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {fix}")
-        raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {fix}, and continue "
-                         f"with --resume {target}")
+            raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {self.nonfinite_fix}")
+        raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {self.nonfinite_fix}, "
+                         f"and continue with --resume {target}")
 
-    def set_aside_newer_checkpoints(self) -> None:
-        """Rename checkpoints newer than the last weights with a finite loss to step_N.nonfinite: one saved right
+    def restore_good(self) -> None:
+        """Back to the newest weights with a finite loss; newer checkpoints become step_N.nonfinite: one saved right
         after the update that broke the weights (no loss had shown it yet) must not be what --resume RUN_DIR picks."""
+        set_lora(self.unet, self.good["lora"])
         for path in sorted((self.run_dir / "checkpoints").glob("step_[0-9]*[0-9]")):
-            if int(path.name.removeprefix("step_")) > self.good["step"]:
+            if self.is_main and int(path.name.removeprefix("step_")) > self.good["step"]:
                 path.rename(path.with_name(path.name + ".nonfinite"))
                 print(f"warning: {path} holds weights that gave no finite loss; renamed it {path.name}.nonfinite")
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.time() - self.started
 
     def log(self, metrics: dict, step: int, media: Optional[dict] = None) -> None:
         """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
@@ -548,9 +535,9 @@ class Run:
         axes of reward-versus-compute curves, over all ranks: images trained on, reward queries, seconds)."""
         if not self.is_main:
             return
-        elapsed, per_step = self.elapsed(), (time.perf_counter() - self.loop_started) / max(step - self.start_step, 1)
-        clock = [f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}"
-                 for s in (elapsed + 0.5, per_step * (self.args.train_steps - step) + 0.5)]
+        elapsed, steps_done = time.time() - self.started, max(step - self.start_step, 1)
+        eta = (time.perf_counter() - self.loop_started) / steps_done * (self.args.train_steps - step)
+        clock = [f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}" for s in (elapsed + 0.5, eta + 0.5)]
         print(f"{self.unit} {step}/{self.args.train_steps} {text} | {images / step_time:.2f} samples/s | "
               f"elapsed {clock[0]} eta {clock[1]}")
         metrics.update({"perf/step_time_s": step_time, "perf/samples_per_s": images / step_time,
@@ -576,10 +563,10 @@ class Run:
                 with self.autocast:
                     embeds = encode_prompts(tokenizer, text_encoder, batch)
                     w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), self.device)
-                    images.append(decode(vae, sample(latents, noises, embeds, w)))
+                    batch_images = decode(vae, sample(latents, noises, embeds, w))
                     for name, reward in rewards.items():  # kept on the CPU between evaluations
-                        scores[name].append(reward.to(self.device)(images[-1], batch).float().cpu())
-                images[-1] = images[-1].cpu()
+                        scores[name].append(reward.to(self.device)(batch_images, batch).float().cpu())
+                images.append(batch_images.cpu())
             for reward in rewards.values():
                 reward.to("cpu")
             grid = self.run_dir / "samples" / f"step_{step:06d}.png"
@@ -602,21 +589,18 @@ class Run:
                 dist.barrier()
 
     def finish(self, params, final_evaluation) -> None:
-        """After the last step: the last finite weights if the run ended in a non-finite streak, the ranks' weights
-        compared, the final evaluation, the LoRA saved with a model card."""
+        """Last finite weights after a non-finite streak, ranks compared, final evaluation, LoRA with a model card."""
         if self.in_a_row and self.good:
-            set_lora(self.unet, self.good["lora"])
+            self.restore_good()
             if self.is_main:
-                self.set_aside_newer_checkpoints()
                 print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
                       f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
         if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
             flat = torch.cat([p.detach().reshape(-1) for p in params])
-            high, low = flat.clone(), -flat
-            for extreme in (high, low):
-                dist.all_reduce(extreme, op=dist.ReduceOp.MAX)
-            if not torch.equal(high, -low):
-                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {(high + low).max():.3g})")
+            extremes = torch.stack([flat, -flat])  # each weight's max and -min over the ranks, in one all-reduce
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            if not torch.equal(extremes[0], -extremes[1]):
+                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {extremes.sum(0).max():.3g})")
             if self.is_main:
                 print(f"LoRA weights identical on all {self.world_size} ranks")
         if self.args.train_steps > self.start_step:
@@ -632,13 +616,11 @@ class Run:
 
 
 def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
-    """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1 does) when the hub cannot be reached: else every
-    download is retried with backoff, minutes per model. Skipped when HF_HUB_OFFLINE is set, when every source
-    (NAME=PATH or a path) is local, and behind a proxy. Must run before transformers or diffusers read
-    HF_HUB_OFFLINE at import."""
+    """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1) when the hub is unreachable, not retry each download
+    for minutes; not if HF_HUB_OFFLINE is set, every source (NAME=PATH or a path) is local, or behind a proxy. Must
+    run before transformers or diffusers are imported: they read HF_HUB_OFFLINE then."""
     import socket
     from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
             all(Path(source.partition("=")[2] or source).exists() for source in sources) or \
             any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -659,7 +641,6 @@ def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
-
     diffusers_logging.disable_progress_bar()  # per-file progress bars would bury the run's own lines
     transformers_logging.disable_progress_bar()
     try:
@@ -709,7 +690,6 @@ def vae_scale(vae) -> int:
 def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
     """LoRA on the attention projections (B initialised to zero, so the policy starts at the base)."""
     from peft import LoraConfig
-
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
@@ -779,8 +759,7 @@ def load_eval_rewards(specs, dtype: torch.dtype) -> dict:
 
 
 def derived_seed(*keys: int) -> int:
-    """A seed derived from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and
-    ranks differ."""
+    """A seed from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and ranks differ."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -793,21 +772,18 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
 
 
 def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
-    """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, the run's script and flags, and
-    the script's own state (extra)."""
+    """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, run record, the script's extra state."""
     lora = {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
     return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
                           "grad_scaler": grad_scaler.state_dict(), **run, **extra})
 
 
 def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
-    """Save the LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it), with the
-    training state if given. Written to a temporary directory and renamed: an interrupted save never leaves a
-    half-written directory in place of a good one."""
+    """The LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it), with the training
+    state if given; written to NAME.tmp and renamed, so that an interrupted save never replaces a good directory."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin  # LatentConsistencyModelPipeline's LoRA saver
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
         shutil.rmtree(leftover, ignore_errors=True)
@@ -825,9 +801,8 @@ def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> N
 
 
 def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> bool:
-    """checkpoints/step_N: the unet's LoRA and the training state; keeps the newest `limit` (None: prunes nothing)
-    and drops what interrupted saves left. A failed save (disk full) warns and keeps the earlier checkpoints;
-    returns whether it saved."""
+    """checkpoints/step_N: LoRA and training state; keeps the newest `limit` (None: all) and drops what interrupted
+    saves left. A failed save (disk full) warns and keeps the earlier checkpoints; returns whether it saved."""
     checkpoints = run_dir / "checkpoints"
     try:
         save_lora(unet, checkpoints / f"step_{state['step']:06d}", training_state=state)
@@ -842,8 +817,7 @@ def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> b
 
 
 def save_final(unet, run_dir: Path) -> Path:
-    """Save the final LoRA to run_dir/final or, if that fails (disk full), to a new directory in the system's
-    temporary directory, then in /dev/shm, so that the trained weights outlive the error."""
+    """run_dir/final or, if that fails (disk full), a new directory in the temp dir, then /dev/shm: the weights live."""
     failures = []
     for parent in (None, tempfile.gettempdir(), "/dev/shm"):
         try:
@@ -862,9 +836,8 @@ def save_final(unet, run_dir: Path) -> Path:
 
 def find_checkpoint(path: Path) -> tuple[Path, dict]:
     """A checkpoint directory itself, or the newest readable one inside a run directory; with its training state."""
-    candidates = [path] if (path / "training_state.pt").is_file() else sorted(
-        (c for c in (path / "checkpoints").glob("step_[0-9]*[0-9]") if (c / "training_state.pt").is_file()),
-        reverse=True)
+    states = sorted((path / "checkpoints").glob("step_[0-9]*[0-9]/training_state.pt"), reverse=True)
+    candidates = [path] if (path / "training_state.pt").is_file() else [state.parent for state in states]
     if not candidates:
         raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
                          "or one of its checkpoints/step_N directories")
@@ -877,9 +850,8 @@ def find_checkpoint(path: Path) -> tuple[Path, dict]:
 
 
 def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]:
-    """Before any model loads: --output-dir must take files; a --resume checkpoint must be readable, written by
-    this script with the same run-defining flags (RUN_FLAGS), and its run directory free. Returns (the
-    checkpoint's training state with its path and changed flags, or None; the run directory's lock or None)."""
+    """Before any model loads: --output-dir must take files; --resume's checkpoint must be readable, by this script,
+    with the same RUN_FLAGS, its run directory free. Returns (its state + path + changed flags, its lock) or Nones."""
     if not args.resume:
         check_writable(Path(args.output_dir), "--output-dir")
         return None, None
@@ -901,8 +873,7 @@ def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]
 
 
 def check_writable(path: Path, flag: str) -> None:
-    """One line now, not a traceback once the models are loaded, if path (or the directory it would be made
-    in) cannot take files. Creates nothing."""
+    """One line now, not a traceback once the models are loaded, if path (or where it would be made) takes no files."""
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         reason = "is read-only" if existing.is_dir() else "is not a directory"
@@ -911,8 +882,8 @@ def check_writable(path: Path, flag: str) -> None:
 
 
 def lock_run_dir(run_dir: Path):
-    """Lock run_dir/.lock while this process trains there; the OS releases it when the process ends, however
-    it ends (a killed run leaves no stale lock). Returns the open lock file, to be kept referenced."""
+    """Lock run_dir/.lock while this process trains there; the OS releases it however the process ends (a killed
+    run leaves no stale lock). Returns the open lock file, to be kept referenced."""
     try:
         import fcntl
     except ImportError:  # not on Unix (Windows): train unlocked
@@ -930,8 +901,7 @@ def lock_run_dir(run_dir: Path):
 
 
 def new_run_dir(args, is_main: bool, world_size: int) -> Path:
-    """A new run directory, never an existing one (a suffix if two runs start in the same second); rank 0
-    creates it and tells the other ranks its name."""
+    """A new run directory (_2, _3, ... if runs start in the same second), made by rank 0 and broadcast to the rest."""
     names = [None]
     if is_main:
         base = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -953,7 +923,6 @@ def first_line(error: BaseException) -> str:
 
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     from PIL import Image
-
     n, _, h, w = images.shape
     columns = min(columns, n)
     rows = -(-n // columns)
@@ -966,9 +935,9 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
 
 def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
     """README.md (a diffusers-style model card) and args.json beside the saved LoRA."""
-    offline_pairs = getattr(args, "pairs", "online") == "offline"
+    offline = getattr(args, "pairs", "online") == "offline"
     rows = {"base model": args.model, "script": f"{Path(__file__).name}: {__doc__.strip().splitlines()[0]}",
-            "reward": f"offline pairs from {args.pairs_file}" if offline_pairs else args.reward,
+            "reward": f"offline pairs from {args.pairs_file}" if offline else args.reward,
             "beta": getattr(args, "beta", "n/a (PPO's clipped ratio is the only regularizer)"),
             "steps": args.train_steps, "sampling steps": args.num_inference_steps,
             "guidance scale": args.guidance_scale, "LoRA rank / alpha": f"{args.lora_rank} / {args.lora_alpha}",
@@ -1009,26 +978,21 @@ def validate_shared(args, problems: list = (), **bounds: str) -> None:
         value, (relation, limit) = getattr(args, name), bound.split()
         if not (value >= float(limit) if relation == ">=" else value > float(limit)):
             raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
-    if not 0 <= args.seed < 2**32:
-        raise SystemExit(f"error: --seed must be in [0, 2**32) (got {args.seed})")
-    problem = missing_local_directory(args.model)
-    if problem:
-        raise SystemExit(f"error: could not load the LCM pipeline: --model directory '{args.model}' {problem}; pass an "
-                         "existing local pipeline directory or a hub id (org/name)")
-    for flag, specs in (("--reward", [args.reward]), ("--eval-rewards", args.eval_rewards)):
-        for spec in specs:
-            name, _, path = spec.partition("=")
-            if name not in REWARDS:
-                raise SystemExit(f"error: unknown reward '{name}' in {flag}; choose one of: {', '.join(REWARDS)}")
-            problem = missing_local_directory(path) if path and name != "imagereward" else None
-            if problem:  # imagereward also takes a checkpoint file
-                raise SystemExit(f"error: could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
-                                 f"existing local directory as {name}=DIR or a hub id")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: CUDA is not available here; pass --device cpu --mixed-precision no (slow)")
-    if args.resume and not Path(args.resume).is_dir():
-        raise SystemExit(f"error: --resume '{args.resume}' is not a directory; pass a run or checkpoint directory")
-    for failed, message in problems:
+    model_problem = missing_local_directory(args.model)
+    failures = [(not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (got {args.seed})"),
+                (model_problem, f"could not load the LCM pipeline: --model directory '{args.model}' {model_problem}; "
+                                "pass an existing local pipeline directory or a hub id (org/name)")]
+    for flag, spec in [("--reward", args.reward), *(("--eval-rewards", spec) for spec in args.eval_rewards)]:
+        name, _, path = spec.partition("=")
+        problem = missing_local_directory(path) if path and name != "imagereward" else None  # it also takes a file
+        failures += [(name not in REWARDS, f"unknown reward '{name}' in {flag}; choose one of: {', '.join(REWARDS)}"),
+                     (problem, f"could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
+                               f"existing local directory as {name}=DIR or a hub id")]
+    failures += [(args.device.startswith("cuda") and not torch.cuda.is_available(),
+                  "CUDA is not available here; pass --device cpu --mixed-precision no (slow)"),
+                 (args.resume and not Path(args.resume).is_dir(),
+                  f"--resume '{args.resume}' is not a directory; pass a run or checkpoint directory"), *problems]
+    for failed, message in failures:
         if failed:
             raise SystemExit(f"error: {message}")
 
