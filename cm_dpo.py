@@ -747,7 +747,7 @@ class Run:
         """Exit naming the checkpoint to resume from: the last finite weights, saved if their step has none."""
         target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
         if self.good:
-            self.restore_good()
+            self.restore_last_finite()
             if self.is_main and not (target / "training_state.pt").is_file():
                 target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
         if not target:
@@ -755,7 +755,7 @@ class Run:
         raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {self.nonfinite_fix}, "
                          f"and continue with --resume {target}")
 
-    def restore_good(self) -> None:
+    def restore_last_finite(self) -> None:
         """Back to the newest weights with a finite loss; newer checkpoints become step_N.nonfinite: one saved right
         after the update that broke the weights (no loss had shown it yet) must not be what --resume RUN_DIR picks."""
         set_lora(self.unet, self.good["lora"])
@@ -832,7 +832,7 @@ class Run:
     def finish(self, params, final_evaluation) -> None:
         """Last finite weights after a non-finite streak, ranks compared, final evaluation, LoRA with a model card."""
         if self.in_a_row and self.good:
-            self.restore_good()
+            self.restore_last_finite()
             if self.is_main:
                 print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
                       f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
@@ -857,9 +857,8 @@ class Run:
 
 
 def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
-    """Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1) when the hub is unreachable, not retry each download
-    for minutes; not if HF_HUB_OFFLINE is set, every source (NAME=PATH or a path) is local, or behind a proxy. Must
-    run before transformers or diffusers are imported: they read HF_HUB_OFFLINE then."""
+    """Set HF_HUB_OFFLINE=1 (local cache only) if the hub is unreachable, not minutes of retries per download; not if
+    set, all sources (NAME=PATH or paths) local, or behind a proxy. Call first: huggingface_hub reads it at import."""
     import socket
     from urllib.parse import urlparse
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
