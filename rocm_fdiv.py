@@ -816,7 +816,7 @@ def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> b
 
 
 def save_final(unet, run_dir: Path) -> Path:
-    """run_dir/final or, if that fails (disk full), a new directory in the temp dir, then /dev/shm: the weights live."""
+    """run_dir/final, else (disk full) a new directory in the temp dir, then /dev/shm: the weights outlive the error."""
     failures = []
     for parent in (None, tempfile.gettempdir(), "/dev/shm"):
         try:
