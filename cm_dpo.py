@@ -424,7 +424,6 @@ class OfflinePairs:
     def latent(self, vae, path: str, line: int) -> torch.Tensor:
         """The image resized and center-cropped, as its VAE posterior mean (not a sample: resumed runs are the same)."""
         from PIL import Image, ImageOps
-
         if path not in self.latents:
             image = open_image(path, self.resolution, f"pairs file line {line}: image '{path}'")
             pixels = np.asarray(ImageOps.fit(image, (self.resolution,) * 2, Image.BICUBIC), dtype=np.float32)
@@ -615,7 +614,6 @@ def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_
     """The image decoded to RGB (PIL), or a one-line error starting with `where`. Refused from its header, before
     decoding: more pixels than PIL's decompression-bomb limit (bounding the memory), or too far from a square."""
     from PIL import Image
-
     try:
         if not os.path.isfile(path):
             raise SystemExit(f"error: {where} does not exist; fix the path (relative paths start at the JSONL file's "
@@ -690,7 +688,9 @@ class Run:
                 self.lock = lock_run_dir(self.run_dir)
                 (self.run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-            objective = torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
+            objective = torch.nn.parallel.DistributedDataParallel(
+                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         if self.is_main:
             resumed_at = f" (resumed at {self.unit} {self.start_step})" if resumed else ""
             print(f"run directory: {self.run_dir}{resumed_at}\neffective batch: {batch_text} per {self.unit}")

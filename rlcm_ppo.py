@@ -603,7 +603,9 @@ class Run:
                 self.lock = lock_run_dir(self.run_dir)
                 (self.run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
         if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-            objective = torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
+            objective = torch.nn.parallel.DistributedDataParallel(
+                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         if self.is_main:
             resumed_at = f" (resumed at {self.unit} {self.start_step})" if resumed else ""
             print(f"run directory: {self.run_dir}{resumed_at}\neffective batch: {batch_text} per {self.unit}")
