@@ -208,7 +208,8 @@ def missing_local_directory(path: str) -> str | None:
 def _tokenizer_source(name: str, path: str) -> str:
     """Local directories carry their own tokenizer; hub weights without one use the default."""
     if os.path.isdir(path):
-        if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "vocab.json", "tokenizer.json")):
+        tokenizer_files = ("tokenizer_config.json", "vocab.json", "tokenizer.json")
+        if any(os.path.exists(os.path.join(path, file)) for file in tokenizer_files):
             return path
     elif path != REWARD_DEFAULTS[name][0]:
         return path
@@ -239,8 +240,8 @@ class ClipReward(nn.Module):
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         device = next(self.clip.parameters()).device
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings),
+        max_length = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
                                 return_tensors="pt").to(device)
         embeds = self.clip.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         embeds = getattr(embeds, "pooler_output", embeds)

@@ -8,7 +8,7 @@ The K-1 stochastic LCM steps are the actions, the reward R of the decoded image 
   the loss; of a minibatch; the whole update       ppo_clipped_loss, PpoObjective, ppo_update
 RLCM's own training (one Adam step per iteration, every ratio 1; docs/rlcm_ppo.md: "original RLCM vs rlcm_ppo.py"):
 `--sample-batches 1 --grad-accum 0 --weight-decay 0 --lr-schedule linear --lr-end-factor 0.667`.
-Run (GPU): python rlcm_ppo.py --reward jpeg_compressibility --train-steps 100 --track
+Run (GPU):  python rlcm_ppo.py --reward jpeg_compressibility --train-steps 100 --track
 Run (CPU, about a minute, on the embedded digits world): README.md, "Each script on the CPU".
 """
 
