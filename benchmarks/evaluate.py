@@ -67,6 +67,13 @@ def load_models(args: Args, device: torch.device, dtype: torch.dtype):
     if args.lora:
         if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
             raise SystemExit(f"error: no LoRA in '{args.lora}'; pass a directory holding pytorch_lora_weights.safetensors")
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        # the pipeline's import and load_lora_weights warn about parts this LoRA does not have (torchvision for
+        # SigLIP's image processor, text-encoder LoRA keys): noise beside the scores
+        transformers_logging.set_verbosity_error()
+        diffusers_logging.set_verbosity_error()
         from diffusers import LatentConsistencyModelPipeline
 
         pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
