@@ -2,7 +2,7 @@
 
 Seed: "Aligning Consistency Models by Preference Optimization" (no public code; this is the first implementation).
 Each LCM step but the last is a Gaussian policy N(a_k f(x_k), s_k^2 I) (f_ref: the UNet with its LoRA off). On a
-winner chain w and a loser chain l of one prompt, from online_pairs or OfflinePairs (derivation: docs/cm_dpo.md):
+winner chain w and a loser chain l of one prompt, from OnlinePairs or OfflinePairs (derivation: docs/cm_dpo.md):
 
     L     = -log sigmoid(beta * sum_k [r_k(w) - r_k(l)]) + con_weight * L_con         dpo_loss, CmDpoObjective
     r_k   = w_k / 2D * (||x_{k-1} - a_k f_ref(x_k)||^2 - ||x_{k-1} - a_k f(x_k)||^2)   step_log_ratio
@@ -16,23 +16,24 @@ Run (CPU, about a minute, on the embedded digits world): README.md, "Each script
 """
 
 import contextlib
-import copy
 import json
+import math
 import os
 import random
 import shutil
-import tempfile
+import signal
+import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 import tyro
+from PIL import Image, ImageOps
 
 from common import REWARDS, load_reward, missing_local_directory
 
@@ -95,7 +96,6 @@ class Args:
     """LoRA rank on the UNet attention projections"""
     lora_alpha: int = 32
     """LoRA alpha (scale alpha / rank)"""
-
     # general
     model: str = "SimianLuo/LCM_Dreamshaper_v7"
     """hub id or local directory of a LatentConsistencyModelPipeline"""
@@ -221,13 +221,18 @@ def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) 
     return draws[0], draws[1:]
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and ranks differ."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
     return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
-# ALGORITHM: CM-DPO, the per-step log-ratio, L_DPO and L_con
+# ALGORITHM: CM-DPO, the per-step log-ratio, L_DPO and L_con, and the preference pairs (online or from a file)
 # --------------------------------------------------------------------------------------------
 
 def step_weight(variance, eps: float) -> torch.Tensor:
@@ -259,24 +264,9 @@ def consistency_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) 
     return mse if kind == "l2" else (mse + 0.00054**2).sqrt() - 0.00054
 
 
-@contextlib.contextmanager
-def weights_replaced(params: list[torch.nn.Parameter], values: list[torch.Tensor]):
-    """Temporarily load other values (the EMA) into the LoRA weights."""
-    backup = [p.detach().clone() for p in params]
-    try:
-        for param, value in zip(params, values):
-            param.detach().copy_(value)
-        yield
-    finally:
-        for param, value in zip(params, backup):
-            param.detach().copy_(value)
-
-
 @dataclass
-class PairBatch:
-    """A micro-batch of b preference pairs: each state holds the b winners, then the b losers."""
-
-    embeds: torch.Tensor  # (2b, tokens, dim), winners then losers
+class PairBatch:  # b preference pairs: every tensor of 2b holds the b winners, then the b losers
+    embeds: torch.Tensor  # (2b, tokens, dim)
     states: list[torch.Tensor]  # K + 1 tensors (2b, C, H, W): x_K, ..., x_1, x_0
     keep: torch.Tensor  # (b,) float: 1 for pairs that enter L_DPO
     con_t: torch.Tensor  # (2b,) index n into the consistency grid: L_con compares t_{n+1} with t_n
@@ -286,37 +276,34 @@ class PairBatch:
 
 
 class CmDpoObjective(torch.nn.Module):
-    """The loss of one micro-batch of pairs as a single forward: K policy and reference passes, L_con. Wrapping the
-    whole objective (not the UNet) in DistributedDataParallel gives DDP the one forward per backward it expects."""
+    """A micro-batch's loss in one forward: DDP wraps this (not the UNet) for its one forward per backward."""
 
-    def __init__(self, unet, scheduler, schedule: list[ChainStep], lora_params, ema: Optional[list], *, beta: float,
-                 eps: float, dpo_form: str, last_step: str, con_weight: float, con_target: str, con_loss: str,
-                 checkpoint: bool):
+    def __init__(self, unet, scheduler, schedule: list[ChainStep], ema: Optional[dict], *, beta: float, eps: float,
+                 dpo_form: str, last_step: str, con_weight: float, con_target: str, con_loss: str,
+                 gradient_checkpointing: bool):
         super().__init__()
-        self.unet, self.scheduler, self.schedule, self.lora_params = unet, scheduler, schedule, lora_params
-        self.ema, self.beta, self.eps, self.dpo_form, self.last_step = ema, beta, eps, dpo_form, last_step
-        self.con_weight, self.con_target, self.con_loss, self.checkpoint = con_weight, con_target, con_loss, checkpoint
+        self.unet, self.scheduler, self.schedule = unet, scheduler, schedule  # the model and its sampling chain
+        self.ema = ema  # L_con's EMA target: the running average of the LoRA weights, by parameter name
+        self.beta, self.eps, self.dpo_form, self.last_step = beta, eps, dpo_form, last_step  # L_DPO, as the flags
+        self.con_weight, self.con_target, self.con_loss = con_weight, con_target, con_loss  # L_con, as the flags
+        self.gradient_checkpointing = gradient_checkpointing
         steps = scheduler.config.original_inference_steps  # L_con's grid: the distillation timesteps k-1, ..., T-1
         self.grid = torch.arange(1, steps + 1) * (scheduler.config.num_train_timesteps // steps) - 1
 
     def policy(self, x, step: ChainStep, embeds, w_embedding):
-        return unet_call(consistency_fn, self.checkpoint, self.unet, x, step, embeds, w_embedding)
-
-    def reference(self, x, step: ChainStep, embeds, w_embedding):
-        with torch.no_grad():  # a constant of the loss: no graph, nothing to checkpoint
-            return reference_fn(self.unet, x, step, embeds, w_embedding)
+        return unet_call(consistency_fn, self.gradient_checkpointing, self.unet, x, step, embeds, w_embedding)
 
     def trajectory_terms(self, batch: PairBatch, w_embedding) -> dict:
-        """Per chain (2b,): the per-step DPO terms (each a mean over latent dimensions) summed over steps, the
-        exact KL of the stochastic steps (summed over dimensions), the last-step gap."""
+        """Per chain (2b,): the summed per-step DPO terms (means over dimensions), the exact KL, the last-step gap."""
         x = batch.states
         total = kl = last_gap = torch.zeros(len(x[0]), device=x[0].device)
         for i, step in enumerate(self.schedule[:-1] if self.last_step == "drop" else self.schedule):
             last = step.alpha_next is None
             f_policy = self.policy(x[i], step, batch.embeds, w_embedding)
-            f_ref = self.reference(x[i], step, batch.embeds, w_embedding)
+            with torch.no_grad():  # the reference is a constant of the loss: no graph, nothing to checkpoint
+                f_ref = reference_fn(self.unet, x[i], step, batch.embeds, w_embedding)
             if last and self.last_step == "constrain":
-                last_gap = (f_policy.float() - f_ref.float()).square().flatten(1).mean(1)
+                last_gap = consistency_loss(f_policy, f_ref, "l2")  # mean((f_theta - f_ref)^2)
                 break
             # p(x_{k-1} | x_k) = N(a f(x_k), s^2 I); the deterministic last step: a = 1, s = 0 (w_k floors s at eps)
             a, variance = (1.0, 0.0) if last else (step.alpha_next, step.sigma_next**2)
@@ -329,24 +316,24 @@ class CmDpoObjective(torch.nn.Module):
 
     def consistency_gap(self, x_high, high: ChainStep, x_low, low: ChainStep, embeds, w_embedding) -> torch.Tensor:
         """d(f_theta(x_high), stopgrad f_target(x_low)) per sample, the target being the reference or the EMA."""
-        if self.con_target == "reference":
-            target = self.reference(x_low, low, embeds, w_embedding)
-        else:
-            with torch.no_grad(), weights_replaced(self.lora_params, self.ema):
-                target = consistency_fn(self.unet, x_low, low, embeds, w_embedding)
+        ema_unet = lambda *inputs, **named: torch.func.functional_call(self.unet, self.ema, inputs, named)
+        with torch.no_grad():  # the target: the reference, or the UNet run with the EMA's values as its LoRA weights
+            target = (reference_fn(self.unet, x_low, low, embeds, w_embedding) if self.con_target == "reference"
+                      else consistency_fn(ema_unet, x_low, low, embeds, w_embedding))
         return consistency_loss(self.policy(x_high, high, embeds, w_embedding), target, self.con_loss)
 
     def forward(self, batch: PairBatch, w_embedding, multiplier: float):
         """Returns (loss, statistics per pair or chain, detached, named as their train/ metrics; None: not used)."""
-        con, clean = None, batch.states[-1]
-        if self.con_weight > 0:  # first: the EMA target swaps weights in place, before the graph saves them
-            # L_con on the final latents, noised to adjacent grid timesteps t_{n+1} > t_n with the same z
+        con = None
+        clean = batch.states[-1]
+        if self.con_weight > 0:  # L_con on the final latents, noised to adjacent grid timesteps t_{n+1} > t_n, same z
             low, high = [chain_step(self.scheduler, self.grid[batch.con_t + j], None, clean.device) for j in (0, 1)]
             x_low, x_high = [step.alpha * clean + step.sigma * batch.con_noise for step in (low, high)]
             con = self.consistency_gap(x_high, high, x_low, low, batch.embeds, w_embedding)
         terms = self.trajectory_terms(batch, w_embedding)
         pair_loss, margin = dpo_loss(*terms["total"].chunk(2), self.beta)
-        constrain, kept = self.last_step == "constrain", batch.keep.bool()
+        constrain = self.last_step == "constrain"
+        kept = batch.keep.bool()
         # skipped pairs weigh zero but still count in the mean: the step does not grow when few survive
         loss = ((pair_loss * batch.keep).mean() + (0 if con is None else self.con_weight * con.mean())
                 + (multiplier * terms["last_gap"].mean() if constrain else 0))
@@ -354,10 +341,6 @@ class CmDpoObjective(torch.nn.Module):
                       "implicit_margin": margin.detach()[kept], "loss_con": None if con is None else con.detach(),
                       "kl": terms["kl"].detach(), "last_step_gap": terms["last_gap"].detach() if constrain else None}
 
-
-# --------------------------------------------------------------------------------------------
-# ALGORITHM: the preference pairs, sampled online or read from a file
-# --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], embeds, w_embedding) -> list[torch.Tensor]:
@@ -369,89 +352,101 @@ def sample_trajectory(unet, latents, noises, schedule: list[ChainStep], embeds, 
     return states
 
 
-def pair_indices(seed: int, batch_size: int, num_items: int, step: int, micro: int, rank: int, world_size: int):
-    """This rank's slice of the global micro-batch, (global pair index, item index): every draw of a pair is seeded by
-    its global index, so N ranks with batch b see exactly the pairs one process with batch N*b sees."""
-    chosen = random.Random(derived_seed(seed, step, micro)).choices(range(num_items), k=batch_size * world_size)
-    return [(i, chosen[i]) for i in range(rank * batch_size, (rank + 1) * batch_size)]
+@dataclass
+class PairSetup:
+    """A pair's draws are seeded by (seed, step, micro-batch, its global index): N ranks x b pairs = 1 x N*b pairs."""
+    models: tuple  # tokenizer, text_encoder, vae, unet
+    schedule: list[ChainStep]
+    latent_shape: tuple  # (C, H, W)
+    w_row: torch.Tensor  # (1, dim): the guidance embedding of one sample
+    grid_size: int  # timesteps in L_con's grid
+    seed: int
+    batch_size: int  # pairs per micro-batch on each rank
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+
+    def indices(self, num_items: int, step: int, micro: int) -> list[tuple[int, int]]:
+        draw = random.Random(derived_seed(self.seed, step, micro))
+        chosen = draw.choices(range(num_items), k=self.batch_size * self.world_size)
+        return list(enumerate(chosen))[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+    def generator(self, step: int, micro: int, index: int, use: int):  # use 0: chain noise; 1: L_con timesteps, noise
+        return torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, step, micro, index, use))
+
+    def consistency_draws(self, step: int, micro: int, items: list[tuple[int, int]]) -> dict:
+        generators = [self.generator(step, micro, i, 1) for i, _ in items]
+        t = [torch.randint(0, self.grid_size - 1, (2,), generator=g, device=g.device).cpu() for g in generators]
+        noise = [torch.randn((2, *self.latent_shape), generator=g, device=g.device) for g in generators]
+        return {"con_t": torch.stack(t, 1).flatten(), "con_noise": torch.stack(noise, 1).flatten(0, 1).to(self.device)}
 
 
-def pair_generator(seed: int, step: int, micro: int, index: int, use: int, device) -> torch.Generator:
-    """use 0: the pair's chain noise; use 1: its L_con timesteps and noise."""
-    return torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, index, use))
-
-
-def consistency_draws(seed: int, step: int, micro: int, items: list[tuple], grid_size: int, latent_shape, device):
-    """PairBatch's con_t and con_noise: per pair of items (pair_indices), the winner's and the loser's L_con draws."""
-    generators = [pair_generator(seed, step, micro, i, 1, device) for i, _ in items]
-    t = torch.stack([torch.randint(0, grid_size - 1, (2,), generator=g, device=g.device).cpu() for g in generators], 1)
-    noise = torch.stack([torch.randn((2, *latent_shape), generator=g, device=g.device) for g in generators], 1)
-    return {"con_t": t.flatten(), "con_noise": noise.flatten(0, 1).to(device)}
-
-
-@torch.no_grad()
-def online_pairs(models, reward_fn, schedule, prompts: list[str], step: int, micro: int, rank: int, world_size: int,
-                 latent_shape, w_row, grid_size: int, device, autocast, *, seed: int, batch_size: int,
-                 samples_per_prompt: int, reward_margin: float) -> PairBatch:
-    """Sample every prompt samples_per_prompt times from the current policy; best and worst become a pair."""
-    tokenizer, text_encoder, vae, unet = models
-    items, n = pair_indices(seed, batch_size, len(prompts), step, micro, rank, world_size), samples_per_prompt
-    chosen = [prompts[j] for _, j in items]
-    draws = [draw_chain_noise((n, *latent_shape), len(schedule), pair_generator(seed, step, micro, i, 0, device),
-                              device) for i, _ in items]
-    latents = torch.cat([latent for latent, _ in draws])  # pair-major: pair 0's n samples, pair 1's, ...
-    noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
-    with autocast:
-        embeds = encode_prompts(tokenizer, text_encoder, chosen)
-        states = sample_trajectory(unet, latents, noises, schedule, embeds.repeat_interleave(n, 0),
-                                   w_row.expand(len(latents), -1))
-        rewards = reward_fn(decode(vae, states[-1]), [prompt for prompt in chosen for _ in range(n)]).float()
-    grouped = rewards.view(len(chosen), n)
-    gaps, rows = grouped.amax(1) - grouped.amin(1), torch.arange(len(chosen), device=rewards.device) * n
-    order = torch.cat([rows + grouped.argmax(1), rows + grouped.argmin(1)]).to(device)  # winners, then losers
-    keep = ((gaps > 0) & (gaps >= reward_margin)).float().to(device)
-    return PairBatch(embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep, rewards=rewards,
-                     gaps=gaps, **consistency_draws(seed, step, micro, items, grid_size, latent_shape, device))
-
-
-class OfflinePairs:
-    """The --pairs-file pairs (read_pairs): each image is VAE-encoded once and its latent kept (on the CPU)."""
-
-    def __init__(self, records: list[dict], *, resolution: int, offline_chain: str, seed: int, batch_size: int):
-        self.records, self.latents = records, {}
-        self.resolution, self.offline_chain, self.seed, self.batch_size = resolution, offline_chain, seed, batch_size
-
-    def latent(self, vae, path: str, line: int) -> torch.Tensor:
-        """The image resized and center-cropped, as its VAE posterior mean (not a sample: resumed runs are the same)."""
-        from PIL import Image, ImageOps
-        if path not in self.latents:
-            image = open_image(path, self.resolution, f"pairs file line {line}: image '{path}'")
-            pixels = np.asarray(ImageOps.fit(image, (self.resolution,) * 2, Image.BICUBIC), dtype=np.float32)
-            pixels = (torch.from_numpy(pixels) / 127.5 - 1).permute(2, 0, 1)[None].to(vae.device, vae.dtype)
-            self.latents[path] = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)[0].float().cpu()
-        return self.latents[path]
+@dataclass
+class OnlinePairs:
+    """Pairs from the current policy: of samples_per_prompt samples of a prompt, the best and worst by reward_fn."""
+    prompts: list[str]
+    reward_fn: Callable  # (images in [0, 1], prompts) -> rewards
+    samples_per_prompt: int
+    reward_margin: float
 
     @torch.no_grad()
-    def batch(self, models, schedule, step: int, micro: int, rank: int, world_size: int, latent_shape, w_row,
-              grid_size: int, device, autocast) -> PairBatch:
-        """Encode this rank's pairs and build their approximate chains (--offline-chain), noise shared by each pair."""
-        tokenizer, text_encoder, vae, unet = models
-        items = pair_indices(self.seed, self.batch_size, len(self.records), step, micro, rank, world_size)
+    def batch(self, setup: PairSetup, step: int, micro: int) -> PairBatch:
+        tokenizer, text_encoder, vae, unet = setup.models
+        n = self.samples_per_prompt
+        items = setup.indices(len(self.prompts), step, micro)
+        chosen = [self.prompts[j] for _, j in items]
+        draws = [draw_chain_noise((n, *setup.latent_shape), len(setup.schedule), setup.generator(step, micro, i, 0),
+                                  setup.device) for i, _ in items]
+        latents = torch.cat([latent for latent, _ in draws])  # pair-major: pair 0's n samples, pair 1's, ...
+        noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
+        with setup.autocast:
+            embeds = encode_prompts(tokenizer, text_encoder, chosen)
+            states = sample_trajectory(unet, latents, noises, setup.schedule, embeds.repeat_interleave(n, 0),
+                                       setup.w_row.expand(len(latents), -1))
+            rewards = self.reward_fn(decode(vae, states[-1]), [prompt for prompt in chosen for _ in range(n)]).float()
+        grouped = rewards.view(len(chosen), n)
+        gaps = grouped.amax(1) - grouped.amin(1)
+        rows = torch.arange(len(chosen), device=rewards.device) * n
+        order = torch.cat([rows + grouped.argmax(1), rows + grouped.argmin(1)]).to(setup.device)  # winners, then losers
+        keep = ((gaps > 0) & (gaps >= self.reward_margin)).float().to(setup.device)
+        return PairBatch(embeds=torch.cat([embeds, embeds]), states=[s[order] for s in states], keep=keep,
+                         rewards=rewards, gaps=gaps, **setup.consistency_draws(step, micro, items))
+
+
+@dataclass
+class OfflinePairs:
+    """Pairs from a file (read_pairs), each image VAE-encoded once. Chains through them are approximate (offline_chain):
+    "forward" noises the clean latent again at every step, "renoise" takes the reference's step from the last state."""
+    records: list[dict]
+    resolution: int
+    offline_chain: str
+    latents: dict = field(default_factory=dict)  # image path -> latent
+
+    @torch.no_grad()
+    def batch(self, setup: PairSetup, step: int, micro: int) -> PairBatch:
+        tokenizer, text_encoder, vae, unet = setup.models
+        items = setup.indices(len(self.records), step, micro)
         records = [self.records[j] for _, j in items]
-        clean = torch.stack([self.latent(vae, r[key], r["line"]) for key in ("winner", "loser") for r in records])
-        noise = [torch.randn((len(schedule), *latent_shape), device=device,
-                             generator=pair_generator(self.seed, step, micro, i, 0, device)) for i, _ in items]
+        paths = [r[key] for key in ("winner", "loser") for r in records]
+        for path in sorted(set(paths) - self.latents.keys()):  # encoded once, as the posterior mean (not a sample)
+            image = ImageOps.fit(Image.open(path).convert("RGB"), (self.resolution,) * 2, Image.BICUBIC)
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)) / 127.5 - 1
+            latent = vae.encode(pixels.permute(2, 0, 1)[None].to(vae.device, vae.dtype)).latent_dist.mean
+            self.latents[path] = (latent * vae.config.scaling_factor)[0].float().cpu()
+        clean = torch.stack([self.latents[path] for path in paths]).to(setup.device)
+        noise = [torch.randn((len(setup.schedule), *setup.latent_shape), device=setup.device,
+                             generator=setup.generator(step, micro, i, 0)) for i, _ in items]
         noise = torch.stack(noise + noise, dim=1)  # (K, 2b, ...): the winner and loser of a pair share it
-        with autocast:
+        with setup.autocast:
             embeds = torch.cat(2 * [encode_prompts(tokenizer, text_encoder, [r["prompt"] for r in records])])
-        clean, w = clean.to(device), w_row.expand(len(embeds), -1)
-        states = [schedule[0].alpha * clean + schedule[0].sigma * noise[0]]  # x_K: the clean latent, noised
-        for i, previous in enumerate(schedule[:-1], start=1):
-            with autocast:  # forward: the clean latent noised again; renoise: the reference's step from the last state
+            w = setup.w_row.expand(len(embeds), -1)
+            states = [setup.schedule[0].alpha * clean + setup.schedule[0].sigma * noise[0]]  # x_K: clean, noised
+            for i, previous in enumerate(setup.schedule[:-1], start=1):
                 mean = clean if self.offline_chain == "forward" else reference_fn(unet, states[-1], previous, embeds, w)
-            states.append(previous.alpha_next * mean.float() + previous.sigma_next * noise[i])
-        return PairBatch(embeds=embeds, states=[*states, clean], keep=torch.ones(len(records), device=device),
-                         **consistency_draws(self.seed, step, micro, items, grid_size, latent_shape, device))
+                states.append(previous.alpha_next * mean.float() + previous.sigma_next * noise[i])
+        return PairBatch(embeds=embeds, states=[*states, clean], keep=torch.ones(len(records), device=setup.device),
+                         **setup.consistency_draws(step, micro, items))
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,56 +455,45 @@ class OfflinePairs:
 
 def main(args: Args) -> None:
     validate(args)
-    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
     online = args.pairs == "online"
-    offline = OfflinePairs(read_pairs(args.pairs_file, args.resolution), resolution=args.resolution, seed=args.seed,
-                           offline_chain=args.offline_chain, batch_size=args.batch_size) if not online else None
-    train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt") if online else \
-        [record["prompt"] for record in offline.records]
+    if online:
+        train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
+    else:  # every line and image is checked before any model loads
+        pairs = OfflinePairs(read_pairs(args.pairs_file), args.resolution, args.offline_chain)
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
-    run = Run(args)  # rank and device; a --resume checkpoint is checked and its directory locked before models load
-    if run.resumed and args.con_target == "ema" and args.con_weight > 0 and run.resumed["ema"] is None:
-        raise SystemExit(f"error: '{run.resumed['path']}' was trained without --con-target ema; resume with its flags")
-
+    run = Run(args)  # rank and device; a --resume checkpoint is checked before models load
     # ---- models: the LCM with a LoRA (the policy; the reference is the same UNet with the LoRA off), the rewards
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, run.device, run.dtype)
-    models = (tokenizer, text_encoder, vae, unet)
-    latent_shape = check_model(args, tokenizer, vae, unet, scheduler, train_prompts + eval_prompts, run.is_main)
-    reward_fn = load_reward_spec(args.reward, run.device, run.dtype) if online else None  # ranks the online samples
+    latent_shape = check_model(args, vae, unet, scheduler)
+    if online:  # the reward ranks the policy's samples
+        reward_fn = load_reward_spec(args.reward, run.device, run.dtype)
+        pairs = OnlinePairs(train_prompts, reward_fn, args.samples_per_prompt, args.reward_margin)
     eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
-    ema = [p.detach().clone() for p in lora_params] if args.con_target == "ema" and args.con_weight > 0 else None
+    ema = None  # L_con's EMA target (--con-target ema): the running average of the LoRA weights, by name
+    if args.con_target == "ema":  # it starts at the LoRA weights, or continues a resumed run's average
+        start = run.resumed["ema"] if run.resumed else {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        ema = {name: value.detach().clone().to(run.device) for name, value in start.items()}
     optimizer = torch.optim.AdamW(lora_params, args.lr, weight_decay=args.weight_decay, fused=run.device.type == "cuda")
     schedule = lcm_schedule(scheduler, args.num_inference_steps, run.device)
-    objective = CmDpoObjective(unet, scheduler, schedule, lora_params, ema, beta=args.beta, eps=args.eps,
-                               dpo_form=args.dpo_form, last_step=args.last_step, checkpoint=args.gradient_checkpointing,
-                               con_weight=args.con_weight, con_target=args.con_target, con_loss=args.con_loss)
-    grid_size, multiplier, constrain = len(objective.grid), args.last_step_multiplier, args.last_step == "constrain"
+    objective = CmDpoObjective(unet, scheduler, schedule, ema, beta=args.beta, eps=args.eps, dpo_form=args.dpo_form,
+                               last_step=args.last_step, con_weight=args.con_weight, con_target=args.con_target,
+                               con_loss=args.con_loss, gradient_checkpointing=args.gradient_checkpointing)
     w_row = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, 1, run.device)
+    setup = PairSetup(models=(tokenizer, text_encoder, vae, unet), schedule=schedule, latent_shape=latent_shape,
+                      w_row=w_row, grid_size=len(objective.grid), seed=args.seed, batch_size=args.batch_size,
+                      rank=run.rank, world_size=run.world_size, device=run.device, autocast=run.autocast)
     pairs_per_step = args.batch_size * args.grad_accum * run.world_size
     images_per_step = pairs_per_step * (args.samples_per_prompt if online else 2)  # offline: 2 read, none scored
     source = (f"online, best and worst of {args.samples_per_prompt} samples per prompt" if online
-              else f"offline, {len(offline.records)} pairs in {args.pairs_file}")
+              else f"offline, {len(pairs.records)} pairs in {args.pairs_file}")
     start_step, objective = run.begin(unet, optimizer, objective, f"{args.batch_size} x {args.grad_accum} accumulation "
                                       f"x {run.world_size} ranks = {pairs_per_step} pairs ({source})")
-    if run.resumed:  # cm_dpo's own state: the last-step multiplier and the EMA of the LoRA
-        multiplier = run.resumed["multiplier"]
-        for average, value in zip(ema or [], run.resumed["ema"] or []):
-            average.copy_(value)
+    multiplier = run.resumed["multiplier"] if run.resumed else args.last_step_multiplier  # resumed: cm_dpo's own state
 
-    def sample(latents, noises, embeds, w_embedding):  # the policy's final latents, for evaluation
-        return sample_trajectory(unet, latents, noises, schedule, embeds, w_embedding)[-1]
-
-    def evaluate_now(step: int) -> None:
-        run.evaluate(step, sample, models, eval_prompts, eval_rewards, latent_shape, len(schedule))
-
-    def pair_batch(step: int, micro: int) -> PairBatch:
-        where = (step, micro, run.rank, run.world_size, latent_shape, w_row, grid_size, run.device, run.autocast)
-        if online:
-            return online_pairs(models, reward_fn, schedule, train_prompts, *where, seed=args.seed,
-                                batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt,
-                                reward_margin=args.reward_margin)
-        return offline.batch(models, schedule, *where)
+    def evaluate_now(step: int) -> None:  # the policy's samples (its chain, no gradients) on the held-out prompts
+        run.evaluate(step, lambda x, noises, embeds, w: sample_trajectory(unet, x, noises, schedule, embeds, w)[-1],
+                     setup.models, eval_prompts, eval_rewards, latent_shape, len(schedule))
 
     def gathered(name: str) -> float:  # this step's mean of a statistic over every rank's micro-batches
         return global_mean(torch.cat([s[name] for s in stats]), run.world_size)
@@ -519,39 +503,36 @@ def main(args: Args) -> None:
     for step in range(start_step + 1, args.train_steps + 1):
         unet.train()
         started = time.perf_counter()
-        run.snapshot(step - 1, multiplier=multiplier, ema=ema)  # kept while these weights are the last finite ones
-        stats, finite = [], True
+        stats = []
         for micro in range(args.grad_accum):
-            # around the sampling too: running out of memory there is the same one line
+            # ---- sample and loss, both inside backward_pass so that running out of memory in either is one line
             with run.backward_pass(objective, step, last=micro == args.grad_accum - 1):
-                # ---- sample: this micro-batch's pairs (online: best and worst of the current policy's samples)
-                batch = pair_batch(step, micro)
-                # ---- loss: L_DPO + con_weight * L_con (+ the last-step penalty), one forward
+                batch = pairs.batch(setup, step, micro)
                 with run.autocast:
                     loss, micro_stats = objective(batch, w_row.expand(len(batch.embeds), -1), multiplier)
-                finite &= torch.isfinite(loss).item()
                 run.grad_scaler.scale(loss / args.grad_accum).backward()
             stats.append({**micro_stats, "implicit_accuracy": (micro_stats["implicit_margin"] > 0).float(),
                           "kept_pairs": batch.keep, "reward": batch.rewards, "reward_gap": batch.gaps})
         # ---- update: skipped on every rank together when a loss or a gradient is not finite; then EMA, dual ascent
+        finite = torch.isfinite(torch.cat([s["loss"] for s in stats])).all().item()
         grad_norm = run.update(step, finite, lora_params, args.max_grad_norm)
         if grad_norm is not None and ema is not None:
-            for average, param in zip(ema, lora_params):
+            for average, param in zip(ema.values(), lora_params):  # both in the UNet's parameter order
                 average.lerp_(param.detach(), 1 - args.ema_decay)
-        if grad_norm is not None and constrain and args.dual_lr > 0:
+        if grad_norm is not None and args.last_step == "constrain" and args.dual_lr > 0:
             # every rank sees the same global gap, so the multiplier stays identical across ranks
             multiplier = max(0.0, multiplier + args.dual_lr * (gathered("last_step_gap") - args.last_step_budget))
         step_time = time.perf_counter() - started
-        # ---- log: every statistic in use (online: the rewards, --last-step constrain: the gap and the multiplier)
         if grad_norm is not None and step % args.log_every == 0:
             means = {name: gathered(name) for name, value in stats[0].items() if value is not None}
-            means.update(divergence=means["kl"], grad_norm=grad_norm, **{"multiplier": multiplier} if constrain else {})
+            means.update(divergence=means["kl"], grad_norm=grad_norm)
+            if args.last_step == "constrain":
+                means["multiplier"] = multiplier
             text = (("reward {reward:.4f} " if online else "") + "loss_dpo {loss_dpo:.4f} margin {implicit_margin:.4f} "
                     "accuracy {implicit_accuracy:.2f} kl {kl:.4f} loss {loss:.4f}").format_map(means)
             run.log_step(step, {f"train/{name}": value for name, value in means.items()},
                          f"{text} | {pairs_per_step / step_time:.2f} pairs/s", step_time, images_per_step,
                          images_per_step if online else 0)
-        # ---- save and evaluate
         run.save(step, multiplier=multiplier, ema=ema)
         if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
             evaluate_now(step)
@@ -562,78 +543,48 @@ def main(args: Args) -> None:
 # INFRASTRUCTURE (cm_dpo only): the flags that define a run, the checks of the flags, offline pair files
 # --------------------------------------------------------------------------------------------
 
-# flags --resume keeps (global_batch, --batch-size x ranks, fixes the sample stream); all others may change
 RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
              "seed", "global_batch", "grad_accum", "pairs", "pairs_file", "offline_chain", "samples_per_prompt",
-             "dpo_form", "last_step", "con_target")
-OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), lower --samples-per-prompt, keep "
-           "--gradient-checkpointing, or lower --resolution")
+             "dpo_form", "last_step", "con_target")  # --resume refuses changes (global_batch: --batch-size x ranks)
+OOM_FIX = "lower --batch-size (raise --grad-accum to keep the batch), --samples-per-prompt or --resolution"
 
 
 def validate(args: Args) -> None:
-    """Reject impossible settings with a one-line message before anything is loaded."""
     validate_shared(args, [
-        (args.num_inference_steps == 1 and args.last_step != "smooth", f"--last-step {args.last_step} leaves no step "
-         "to compare with --num-inference-steps 1; use --last-step smooth"),
-        (args.pairs == "offline" and not args.pairs_file,
-         "--pairs offline needs --pairs-file (JSONL of prompt, winner, loser)"),
+        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
+        *((getattr(args, name) <= 0, f"--{name} must be > 0 (got {getattr(args, name)})") for name in ("beta", "eps")),
+        (args.samples_per_prompt < 2, f"--samples-per-prompt must be >= 2 (got {args.samples_per_prompt})"),
+        *((getattr(args, name) < 0, f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+          for name in ("reward_margin", "con_weight", "last_step_multiplier", "dual_lr", "last_step_budget")),
         (not 0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (got {args.ema_decay})"),
-    ], beta="> 0", eps="> 0", samples_per_prompt=">= 2", reward_margin=">= 0", con_weight=">= 0",
-        last_step_multiplier=">= 0", dual_lr=">= 0", last_step_budget=">= 0")
+        (args.num_inference_steps == 1 and args.last_step != "smooth",
+         f"--last-step {args.last_step} leaves no step to compare at --num-inference-steps 1; use --last-step smooth"),
+        (args.pairs == "offline" and args.pairs_file is None, "--pairs offline needs --pairs-file (JSONL of pairs)"),
+        (args.pairs == "online" and args.pairs_file is not None, "--pairs-file is read with --pairs offline; add it"),
+    ])
 
 
-def read_pairs(path: str | Path, resolution: int) -> list[dict]:
-    """[{"prompt", "winner", "loser", "line"}], image paths resolved against the file's directory. Every line is checked
-    and every image decoded (open_image) here, so a bad line stops the run with its number before any model loads."""
-    path, fix = Path(path), 'write one {"prompt": ..., "winner": ..., "loser": ...} object per line'
-    if not path.is_file():
-        raise SystemExit(f"error: --pairs-file '{path}' does not exist; pass a JSONL file of prompt/winner/loser")
-    pairs, checked, fields = [], set(), ("prompt", "winner", "loser")
-    for number, line in enumerate(read_text(path, "--pairs-file", fix).splitlines(), start=1):
-        if not line.strip():
-            continue
+def read_pairs(path: str) -> list[dict]:
+    lines = Path(path).read_text().splitlines() if Path(path).is_file() else []
+    if not lines:
+        raise SystemExit(f"error: --pairs-file '{path}' is missing or empty; pass a JSONL file of prompt/winner/loser")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        where = f"--pairs-file '{path}' line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise SystemExit(f"error: --pairs-file '{path}' line {number} is not valid JSON ({error.msg}); {fix}")
-        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in fields):
-            raise SystemExit(f"error: --pairs-file '{path}' line {number} needs string fields prompt, winner and loser")
-        pair = {"prompt": record["prompt"], "line": number}
+            raise SystemExit(f"error: {where} is not valid JSON ({error.msg}); write one JSON object per line")
+        if not isinstance(record, dict) or not all(type(record.get(k)) is str for k in ("prompt", "winner", "loser")):
+            raise SystemExit(f"error: {where} needs string fields prompt, winner and loser")
         for key in ("winner", "loser"):
-            pair[key] = image = str(path.parent / record[key])
-            if image not in checked:
-                open_image(image, resolution, f"--pairs-file '{path}' line {number}: {key} image '{image}'").close()
-                checked.add(image)
-        pairs.append(pair)
-    if not pairs:
-        raise SystemExit(f"error: --pairs-file '{path}' has no pairs; write one JSON object per line")
-    return pairs
-
-
-def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_side_divisor: int = 8):
-    """The image decoded to RGB (PIL), or a one-line error starting with `where`. Refused from its header, before
-    decoding: more pixels than PIL's decompression-bomb limit (bounding the memory), or too far from a square."""
-    from PIL import Image
-    try:
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: {where} does not exist; fix the path (relative paths start at the JSONL file's "
-                             "directory)")
-        if os.path.getsize(path) == 0:
-            raise SystemExit(f"error: {where} is empty (0 bytes); fix or remove the line")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice its limit
-            with Image.open(path) as image:
-                short, long = sorted(image.size)
-                if long > max_aspect * short or short * min_side_divisor < resolution:
-                    raise SystemExit(f"error: {where} is {image.width}x{image.height} pixels, too far from the "
-                                     f"training resolution {resolution}x{resolution} (refused: an aspect ratio above "
-                                     f"{max_aspect} or a shorter side below {resolution / min_side_divisor:g} = "
-                                     f"resolution / {min_side_divisor}); crop or resize it, or remove the line")
-                return image.convert("RGB")
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise SystemExit(f"error: {where} is too large to decode ({error}); resize it or remove the line")
-    except Exception as error:  # PIL raises several types for unreadable or truncated files
-        raise SystemExit(f"error: {where} cannot be read as an image ({error}); fix or remove the line")
+            record[key] = str(Path(path).parent / record[key])
+            try:
+                Image.open(record[key]).convert("RGB")  # decoded in full: a truncated file fails here, not in training
+            except Exception as error:  # missing, or no image PIL can decode (it raises several types)
+                raise SystemExit(f"error: {where}: {key} image '{record[key]}' cannot be read ({error})")
+        records.append(record)
+    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,80 +592,85 @@ def open_image(path: str, resolution: int, where: str, max_aspect: int = 4, min_
 # --------------------------------------------------------------------------------------------
 
 class Run:
-    """This process's share of a run (ranks, mixed precision, locked run directory, non-finite guard, logging,
-    evaluation, saving); built before any model loads."""
+    """A process's share of a run, made before any model loads (so that flag and resume errors come first)."""
 
     def __init__(self, args, unit: str = "step"):
-        self.args, self.unit, self.started = args, unit, time.time()
-        self.rank, self.world_size, self.device = 0, int(os.environ.get("WORLD_SIZE", "1")), torch.device(args.device)
-        if self.world_size > 1:  # started by torchrun, whose environment variables name the process group
-            if args.device.startswith("cuda"):
+        self.args = args
+        self.unit = unit
+        self.rank = 0
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = torch.device(args.device)
+        if self.world_size > 1:  # started by torchrun
+            if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.rank = dist.get_rank()
         self.is_main = self.rank == 0
-        self.record = {"script": Path(__file__).name, "args": {**asdict(args), "world_size": self.world_size,
-                                                               "global_batch": args.batch_size * self.world_size}}
-        self.resumed, self.lock = prepare_run(args, self.record, self.is_main)
         self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-        self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
+        self.autocast = torch.autocast(self.device.type, self.dtype, enabled=args.mixed_precision != "no")
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
-        self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"  # what a non-finite stop advises
-        self.good = self.pending = None  # training states: the newest with a finite loss; this update's start
-        self.in_a_row, self.skipped, self.scores, self.scored_step, self.wandb = 0, 0, {}, None, None
+        self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"
+        self.in_a_row = 0
+        self.skipped = 0
+        self.started = time.time()
+        self.record = {**asdict(args), "world_size": self.world_size, "global_batch": args.batch_size * self.world_size}
+        self.resumed = resume_state(args, self.record) if args.resume else None
+        self.in_place = self.resumed["in_place"] if self.resumed else False
+        names = [Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(self.started)}"]
+        while names[0].exists():  # another run started in the same second
+            names[0] = names[0].with_name(names[0].name + "_")
+        if self.world_size > 1:  # rank 0's name: the ranks may start in different seconds
+            dist.broadcast_object_list(names)
+        self.run_dir = self.resumed["path"].parent.parent if self.in_place else names[0]
+        self.wandb = start_wandb(args, self.run_dir) if args.track and self.is_main else None
+        if self.is_main and not self.in_place:
+            self.run_dir.mkdir(parents=True)
+            resumed_from = str(self.resumed["path"]) if self.resumed else None
+            (self.run_dir / "args.json").write_text(json.dumps({**asdict(args), "resumed_from": resumed_from}))
+        signal.signal(signal.SIGINT, self.interrupted)
         torch.manual_seed(args.seed)
 
     def begin(self, unet, optimizer, objective, batch_text: str):
-        """Resume (the script restores its own extra state from self.resumed) or make a new run directory; returns
-        (the step it starts after, the objective wrapped for DDP)."""
-        self.unet, self.optimizer, resumed, args = unet, optimizer, self.resumed or {}, self.args
-        self.start_step, self.started = resumed.get("step", 0), self.started - resumed.get("elapsed_s", 0.0)
-        if resumed:
-            set_lora(unet, resumed["lora"])
-            optimizer.load_state_dict(resumed["optimizer"])
-            for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
-                group.update(lr=args.lr, weight_decay=args.weight_decay)
-            if resumed["grad_scaler"] and self.grad_scaler.is_enabled():  # a loss scale exists only under fp16
-                self.grad_scaler.load_state_dict(resumed["grad_scaler"])
-            self.run_dir = resumed["path"].parent.parent
-            if self.is_main:  # args.json keeps the flags the run started with; each resume appends its own
-                with (self.run_dir / "resumes.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": self.start_step, "checkpoint": str(resumed["path"]),
-                                        "changed": resumed["changed"], "args": asdict(args)}) + "\n")
-        else:
-            self.run_dir = new_run_dir(args, self.is_main, self.world_size)
-            if self.is_main:
-                self.lock = lock_run_dir(self.run_dir)
-                (self.run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-            objective = torch.nn.parallel.DistributedDataParallel(
-                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        """Restore a resumed run, wrap the objective for DDP; returns (the step it starts after, objective)."""
+        self.unet = unet
+        self.optimizer = optimizer
+        self.start_step = 0
+        if self.resumed:
+            self.start_step = self.resumed["step"]
+            self.started -= self.resumed["elapsed_s"]
+            unet.load_state_dict(self.resumed["lora"], strict=False)
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            for group in optimizer.param_groups:  # the saved groups hold the checkpoint's values
+                group.update(lr=self.args.lr, weight_decay=self.args.weight_decay)
+            if self.resumed["grad_scaler"]:  # a loss scale exists only under fp16
+                self.grad_scaler.load_state_dict(self.resumed["grad_scaler"])
+        if self.is_main and self.in_place:  # the steps after the checkpoint run again: their lines go
+            metrics = self.run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines(keepends=True)
+            metrics.write_text("".join(line for line in lines if json.loads(line)["step"] <= self.start_step))
+        if self.world_size > 1:  # all-reduces the gradients of the LoRA, the only trainable weights
+            objective = torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
         if self.is_main:
-            resumed_at = f" (resumed at {self.unit} {self.start_step})" if resumed else ""
+            resumed_at = f" (resumed at {self.unit} {self.start_step})" if self.resumed else ""
             print(f"run directory: {self.run_dir}{resumed_at}\neffective batch: {batch_text} per {self.unit}")
-            if args.track:  # a resumed run continues its wandb run, whose id is kept in the run directory
-                import wandb
-                id_file = self.run_dir / "wandb_run_id.txt"
-                id_file.write_text(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),
-                                              name=self.run_dir.name, resume="allow",
-                                              id=id_file.read_text().strip() if id_file.exists() else None).id)
-                self.wandb = wandb
+            if self.wandb:
+                (self.run_dir / "wandb_run_id.txt").write_text(self.wandb.run.id)
         self.loop_started = time.perf_counter()
         return self.start_step, objective
 
-    def state(self, step: int, **extra) -> dict:
-        return training_state(step, self.unet, self.optimizer, self.grad_scaler,
-                              {**self.record, "elapsed_s": time.time() - self.started}, **extra)
-
-    def snapshot(self, step: int, **extra) -> None:
-        """Keep the state at the start of an update: it becomes the good one once the update's loss is finite."""
-        self.pending = self.state(step, **extra)
+    def interrupted(self, *_) -> None:
+        """Ctrl-C: one line naming where to continue from, not a traceback."""
+        saved = sorted((self.run_dir / "checkpoints").glob("step_*[0-9]"))
+        how = "no checkpoint was saved (--save-every N saves them)"
+        if saved:
+            how = (f"the newest checkpoint is {saved[-1]}; continue with: "
+                   f"python {Path(__file__).name} --resume {self.run_dir}")
+        raise SystemExit(f"interrupted; {how}" if self.is_main else 1)
 
     @contextlib.contextmanager
     def backward_pass(self, objective, step: int, last: bool = True):
-        """Around a micro-batch's forward and backward: DDP all-reduces only in the last; out of memory is one line."""
+        """A micro-batch's forward and backward: DDP all-reduces only in the last; out of memory is one line."""
         try:
             with contextlib.nullcontext() if last or self.world_size == 1 else objective.no_sync():
                 yield
@@ -722,68 +678,55 @@ class Run:
             raise SystemExit(f"error: out of memory at {self.unit} {step}; {OOM_FIX}")
 
     def update(self, step: int, finite: bool, params, max_grad_norm: float) -> Optional[float]:
-        """Clip and step, or skip the update on all ranks if any rank's loss or gradient was not finite (a non-finite
-        loss still ran backward, so the ranks' all-reduces stay aligned). Returns the gradient norm, None if skipped."""
+        """Clip and step, or skip on every rank if any rank's loss or gradient was not finite (its backward still
+        ran, so the all-reduces stay aligned). Returns the gradient norm, None if skipped."""
         self.grad_scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        ok = torch.tensor(float(finite and torch.isfinite(grad_norm)), device=self.device)
-        finite = global_mean(ok, self.world_size) == 1  # on every rank, so that all ranks step or all skip
-        if finite:
-            self.good, self.pending, self.in_a_row = self.pending or self.good, None, 0
+        ok = torch.tensor(float(finite and grad_norm.isfinite()), device=self.device)
+        all_ok = global_mean(ok, self.world_size) == 1
+        if all_ok:
             self.grad_scaler.step(self.optimizer)
+            self.in_a_row = 0
         else:
-            self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+            self.in_a_row += 1
+            self.skipped += 1
             if self.is_main:
-                print(f"warning: {self.unit} {step}: non-finite loss or gradient, update skipped "
-                      f"({self.in_a_row} in a row)")
-                self.log({"train/skipped_steps": self.skipped}, step)
+                print(f"warning: {self.unit} {step}: non-finite loss or gradient, update skipped")
         self.grad_scaler.update()  # after a skip under fp16 this lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.in_a_row >= self.args.max_nonfinite_steps:
-            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}")
-        return grad_norm.item() if finite else None
+            self.stop(f"{self.in_a_row} non-finite {self.unit}s in a row")
+        return grad_norm.item() if all_ok else None
 
     def stop(self, what: str) -> None:
-        """Exit naming the checkpoint to resume from: the last finite weights, saved if their step has none."""
-        target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
-        if self.good:
-            self.restore_last_finite()
-            if self.is_main and not (target / "training_state.pt").is_file():
-                target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
-        if not target:
-            raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {self.nonfinite_fix}")
-        raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {self.nonfinite_fix}, "
-                         f"and continue with --resume {target}")
-
-    def restore_last_finite(self) -> None:
-        """Back to the newest weights with a finite loss; newer checkpoints become step_N.nonfinite: one saved right
-        after the update that broke the weights (no loss had shown it yet) must not be what --resume RUN_DIR picks."""
-        set_lora(self.unet, self.good["lora"])
-        for path in sorted((self.run_dir / "checkpoints").glob("step_[0-9]*[0-9]")):
-            if self.is_main and int(path.name.removeprefix("step_")) > self.good["step"]:
-                path.rename(path.with_name(path.name + ".nonfinite"))
-                print(f"warning: {path} holds weights that gave no finite loss; renamed it {path.name}.nonfinite")
+        """Exit with one line naming the newest checkpoint whose weights are finite."""
+        where = "no checkpoint has finite weights"
+        for checkpoint in sorted((self.run_dir / "checkpoints").glob("step_*[0-9]"), reverse=True):
+            lora = torch.load(checkpoint / "training_state.pt", weights_only=True)["lora"]
+            if all(value.isfinite().all() for value in lora.values()):
+                where = f"then --resume {checkpoint}"
+                break
+        raise SystemExit(f"error: {what}; {self.nonfinite_fix}, {where}" if self.is_main else 1)
 
     def log(self, metrics: dict, step: int, media: Optional[dict] = None) -> None:
-        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
+        """Scalars to metrics.jsonl (NaN as null: JSON has none) and wandb; media to wandb only."""
+        finite = {name: value if math.isfinite(value) else None for name, value in metrics.items()}
         with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **finite}) + "\n")
         if self.wandb:
             self.wandb.log({**metrics, **(media or {})}, step=step)
 
     def log_step(self, step: int, metrics: dict, text: str, step_time: float, images: int, queries: int) -> None:
-        """Print a step's line with its throughput, elapsed time and ETA; log it with the run's cost so far (the x
-        axes of reward-versus-compute curves, over all ranks: images trained on, reward queries, seconds)."""
+        """Print a step's line with its ETA; log it with the run's cost so far (the x axes of cost curves)."""
         if not self.is_main:
             return
-        elapsed, steps_done = time.time() - self.started, max(step - self.start_step, 1)
-        eta = (time.perf_counter() - self.loop_started) / steps_done * (self.args.train_steps - step)
-        clock = [f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}" for s in (elapsed + 0.5, eta + 0.5)]
+        elapsed = time.time() - self.started
+        eta = (time.perf_counter() - self.loop_started) / (step - self.start_step) * (self.args.train_steps - step)
         print(f"{self.unit} {step}/{self.args.train_steps} {text} | {images / step_time:.2f} samples/s | "
-              f"elapsed {clock[0]} eta {clock[1]}")
+              f"elapsed {elapsed / 60:.1f} min, eta {eta / 60:.1f} min")
         metrics.update({"perf/step_time_s": step_time, "perf/samples_per_s": images / step_time,
                         "perf/train_images": step * images, "perf/reward_queries": step * queries,
-                        "perf/elapsed_s": elapsed})
+                        "perf/elapsed_s": elapsed, "train/skipped_steps": self.skipped})
         if self.device.type == "cuda":
             metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log(metrics, step)
@@ -791,140 +734,203 @@ class Run:
     @torch.no_grad()
     def evaluate(self, step: int, sample, models, prompts: list[str], rewards: dict, latent_shape: tuple,
                  num_steps: int) -> None:
-        """Sample the held-out prompts with a fixed seed (sample(latents, noises, embeds, w_embedding): the
-        script's chain -> final latents), score them with every evaluation reward, save the grid, log the means."""
+        """Sample the held-out prompts with fixed noise (sample: the script's chain to the final latents), score
+        them with every evaluation reward, log the means, save the grid."""
         if self.is_main:
-            (tokenizer, text_encoder, vae, unet), args = models, self.args
+            tokenizer, text_encoder, vae, unet = models
             unet.eval()
-            print(f"evaluating {len(prompts)} prompts...", flush=True)
-            generator = torch.Generator(device=self.device).manual_seed(args.seed + 1_000_003)
-            images, scores = [], {name: [] for name in rewards}
-            for batch in (prompts[i:i + args.eval_batch_size] for i in range(0, len(prompts), args.eval_batch_size)):
+            generator = torch.Generator(self.device).manual_seed(self.args.seed + 1_000_003)
+            images = []
+            scores = {f"eval/{name}": [] for name in rewards}
+            for reward in rewards.values():  # kept on the CPU between evaluations
+                reward.to(self.device)
+            for start in range(0, len(prompts), self.args.eval_batch_size):
+                batch = prompts[start:start + self.args.eval_batch_size]
                 latents, noises = draw_chain_noise((len(batch), *latent_shape), num_steps, generator, self.device)
+                w = guidance_embedding(self.args.guidance_scale, unet.config.time_cond_proj_dim, len(batch),
+                                       self.device)
                 with self.autocast:
                     embeds = encode_prompts(tokenizer, text_encoder, batch)
-                    w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), self.device)
                     batch_images = decode(vae, sample(latents, noises, embeds, w))
-                    for name, reward in rewards.items():  # kept on the CPU between evaluations
-                        scores[name].append(reward.to(self.device)(batch_images, batch).float().cpu())
+                    for name, reward in rewards.items():
+                        scores[f"eval/{name}"].append(reward(batch_images, batch).float().cpu())
                 images.append(batch_images.cpu())
             for reward in rewards.values():
                 reward.to("cpu")
-            grid = self.run_dir / "samples" / f"step_{step:06d}.png"
-            save_image_grid(torch.cat(images), grid)
-            self.scores = {f"eval/{name}": torch.cat(values).mean().item() for name, values in scores.items()}
-            self.scored_step = step
+            self.scores = {name: torch.cat(values).mean().item() for name, values in scores.items()}
+            self.example_prompt = prompts[0]
             print(f"eval {self.unit} {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
-            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
-            self.log(self.scores, step, self.wandb and {"eval/samples": self.wandb.Image(
-                str(grid), caption=f"{self.unit} {step}: " + " | ".join(prompts))})
+            grid = self.run_dir / "samples" / f"step_{step:06d}.png"
+            try:  # a full disk here must not end the run
+                save_image_grid(torch.cat(images), grid)
+            except OSError as error:
+                print(f"warning: could not write {grid} ({first_line(error)})")
+            self.log(self.scores, step, {"eval/samples": self.wandb.Image(str(grid))} if self.wandb else None)
         if self.world_size > 1:
             dist.barrier()
 
     def save(self, step: int, **extra) -> None:
-        """The periodic checkpoint, if one is due; never after a non-finite loss, which came from these weights."""
-        if self.args.save_every and step % self.args.save_every == 0 and not self.in_a_row:
-            if self.is_main:
-                save_checkpoint(self.run_dir, self.unet, self.state(step, **extra), self.args.checkpoint_limit)
-            if self.world_size > 1:
-                dist.barrier()
+        """A checkpoint when one is due (extra: the script's own state), never after a non-finite loss."""
+        if self.args.save_every and step % self.args.save_every == 0 and not self.in_a_row and self.is_main:
+            lora = {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
+            state = dict(step=step, lora=lora, optimizer=self.optimizer.state_dict(), script=Path(__file__).name,
+                         grad_scaler=self.grad_scaler.state_dict(), args=self.record,
+                         elapsed_s=time.time() - self.started, **extra)
+            save_checkpoint(self.run_dir, self.unet, self.args, state)
+        if self.world_size > 1:
+            dist.barrier()
 
     def finish(self, params, final_evaluation) -> None:
-        """Last finite weights after a non-finite streak, ranks compared, final evaluation, LoRA with a model card."""
-        if self.in_a_row and self.good:
-            self.restore_last_finite()
-            if self.is_main:
-                print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
-                      f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
-        if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            extremes = torch.stack([flat, -flat])  # each weight's max and -min over the ranks, in one all-reduce
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            if not torch.equal(extremes[0], -extremes[1]):
-                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {extremes.sum(0).max():.3g})")
-            if self.is_main:
-                print(f"LoRA weights identical on all {self.world_size} ranks")
-        if self.args.train_steps > self.start_step:
-            final_evaluation()
+        """The final LoRA if its weights are finite, then its evaluation and card (whose failures only warn)."""
+        final = self.run_dir / "final"
         if self.is_main:
-            final_dir = save_final(self.unet, self.run_dir)
-            write_model_card(final_dir, self.args, self.scores, self.scored_step)
-            print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
+            if not all(p.isfinite().all() for p in params):
+                self.stop("the LoRA weights are not finite, so final/ is not written")
+            save_lora(self.unet, final, self.args)
+        final_evaluation()
+        if self.is_main:
+            if not all(math.isfinite(value) for value in self.scores.values()):
+                shutil.rmtree(final)
+                self.stop("the LoRA gives non-finite evaluation scores, so final/ is removed")
+            try:
+                write_model_card(final, self.args, self.scores, self.example_prompt)
+            except OSError as error:
+                print(f"warning: no model card ({first_line(error)}); the LoRA is saved")
+            print(f"saved {final}; evaluate it: python benchmarks/evaluate.py --lora {final}")
             if self.wandb:
                 self.wandb.finish()
         if self.world_size > 1:
             dist.destroy_process_group()
 
 
-def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
-    """Set HF_HUB_OFFLINE=1 (local cache only) if the hub is unreachable, not minutes of retries per download; not if
-    set, all sources (NAME=PATH or paths) local, or behind a proxy. Call first: huggingface_hub reads it at import."""
-    import socket
-    from urllib.parse import urlparse
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
-            all(Path(source.partition("=")[2] or source).exists() for source in sources) or \
-            any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+def cli(args_class):
+    """The flags; with --resume, the checkpoint's own flags are the defaults, so only a change needs typing."""
+    argv = sys.argv[1:]
+    resume = [value for flag, value in zip(argv, argv[1:]) if flag == "--resume"]
+    resume += [flag.removeprefix("--resume=") for flag in argv if flag.startswith("--resume=")]
+    default = None
+    for path in resume[-1:]:
+        saved = [Path(path, "args.json"), *sorted(Path(path).glob("checkpoints/step_*[0-9]/args.json"))]
+        if saved[-1].is_file():
+            flags = json.loads(saved[-1].read_text())
+            known = {field.name for field in fields(args_class)}  # another script's flags: resume_state refuses it
+            default = args_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in flags.items() if k in known})
+    return tyro.cli(args_class, default=default, description=__doc__.split("\n\n")[0])
+
+
+def resume_state(args, record: dict) -> dict:
+    """--resume's checkpoint (or a run directory's newest), checked: this script's, same RUN_FLAGS, steps left."""
+    path = Path(args.resume)
+    found = [path] if (path / "training_state.pt").is_file() else sorted(path.glob("checkpoints/step_*[0-9]"))
+    if not found:
+        raise SystemExit(f"error: no checkpoint in '{path}'; pass a run directory saved with --save-every")
+    checkpoint = found[-1]
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    if state["script"] != Path(__file__).name:
+        raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
+    for flag in [flag for flag in RUN_FLAGS if state["args"][flag] != record[flag]][:1]:
+        name = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}.get(flag, "--" + flag.replace("_", "-"))
+        raise SystemExit(f"error: '{checkpoint}' was trained with {name} {state['args'][flag]}, this run has "
+                         f"{record[flag]}; resume with the same value or start a new run")
+    if args.train_steps <= state["step"]:
+        raise SystemExit(f"error: '{checkpoint}' is at {state['step']}; pass a --train-steps above it")
+    newest = sorted(checkpoint.parent.glob("step_*[0-9]"))[-1]
+    # a run's newest checkpoint continues in its run directory; any other starts a new one
+    state["in_place"] = checkpoint.parent.name == "checkpoints" and checkpoint == newest
+    state["path"] = checkpoint
+    return state
+
+
+def start_wandb(args, run_dir: Path):
+    """wandb, continuing the run directory's own wandb run on resume; one line if it cannot start."""
+    import wandb
+    id_file = run_dir / "wandb_run_id.txt"
+    run_id = id_file.read_text() if id_file.exists() else None
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)),
-                                 timeout=timeout).close()
-    except OSError:
-        print(f"warning: the Hugging Face hub ({endpoint.hostname}) is unreachable; loading from the local cache "
-              "only, as with HF_HUB_OFFLINE=1", flush=True)
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_dir.name,
+                   id=run_id, resume="allow")
+    except Exception as error:  # no API key, no network: many types
+        raise SystemExit(f"error: --track could not start wandb ({first_line(error)}); run `wandb login` once, "
+                         "or set WANDB_MODE=offline")
+    return wandb
+
+
+def save_lora(unet, directory: Path, args, training_state: Optional[dict] = None) -> None:
+    """The LoRA in diffusers format, args.json, the training state if given: in NAME.tmp, then renamed NAME."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # LatentConsistencyModelPipeline's saver
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    tmp = directory.with_name(directory.name + ".tmp")
+    try:  # the adapter's config travels in the file: without lora_alpha a loader assumes alpha = rank
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
+        (tmp / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+    except BaseException:  # a half-written save (disk full, Ctrl-C) leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(directory, ignore_errors=True)  # only final/ is written twice (a finished run, resumed)
+    tmp.rename(directory)
+
+
+def save_checkpoint(run_dir: Path, unet, args, state: dict) -> None:
+    """checkpoints/step_N, keeping the newest --checkpoint-limit; a failed save (disk full) warns."""
+    target = run_dir / "checkpoints" / f"step_{state['step']:06d}"
+    try:
+        save_lora(unet, target, args, state)
+    except Exception as error:  # disk full comes as OSError or as the writer's own error type
+        print(f"warning: could not save {target} ({first_line(error)}); training goes on")
+        return
+    for old in sorted(target.parent.glob("step_*[0-9]"))[:-args.checkpoint_limit]:
+        shutil.rmtree(old)
+
+
+def write_model_card(directory: Path, args, scores: dict, prompt: str) -> None:
+    table = "".join(f"| {name} | {value:.4f} |\n" for name, value in scores.items())
+    (directory / "README.md").write_text(
+        f"---\nbase_model: {args.model}\nlibrary_name: diffusers\ntags: [lora, latent-consistency-model]\n---\n\n"
+        f"# {directory.parent.name}\n\nA LoRA for `{args.model}`, trained by `{Path(__file__).name}` "
+        f"({__doc__.splitlines()[0]}); every flag is in `args.json`.\n\n"
+        f"| held-out reward | mean |\n|---|---|\n{table}\n```python\n"
+        "from diffusers import LatentConsistencyModelPipeline\n\n"
+        f"pipe = LatentConsistencyModelPipeline.from_pretrained({json.dumps(args.model)})\n"
+        f"pipe.load_lora_weights({json.dumps(str(directory))})\n"
+        f"image = pipe({json.dumps(prompt)}, num_inference_steps={args.num_inference_steps}, "
+        f"guidance_scale={args.guidance_scale}).images[0]\n```\n")
 
 
 def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
-    """Load tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
+    """Tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
-    diffusers_logging.disable_progress_bar()  # per-file progress bars would bury the run's own lines
-    transformers_logging.disable_progress_bar()
     try:
-        # the UNet's config first (one small file): an unsupported family is refused before any weights load
-        unet_config = UNet2DConditionModel.load_config(model, subfolder="unet")
-        if unet_config.get("addition_embed_type") == "text_time" or (Path(model) / "text_encoder_2").is_dir():
-            raise SystemExit(f"error: '{model}' is an SDXL-style LCM (two text encoders, text_time conditioning); "
-                             "SDXL-style LCMs are not supported (yet); pass an SD1.5-style LCM such as "
-                             "SimianLuo/LCM_Dreamshaper_v7")
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder, vae, unet = (cls.from_pretrained(model, subfolder=folder, torch_dtype=weight_dtype)
-                                   for cls, folder in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
-                                                       (UNet2DConditionModel, "unet")))
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
         scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     except Exception as error:  # hub and file errors come in many types; all mean the same here
-        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({first_line(error)}); pass --model "
-                         "a local pipeline directory, or a hub id that is reachable or already in the cache (offline "
-                         "machines: set HF_HUB_OFFLINE=1 and pass local directories)")
-    if unet.config.time_cond_proj_dim is None:
-        raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
+        raise SystemExit(f"error: could not load the LCM pipeline '{model}' ({first_line(error)}); pass a local "
+                         "pipeline directory or a cached hub id (offline: set HF_HUB_OFFLINE=1)")
+    if unet.config.addition_embed_type == "text_time" or unet.config.time_cond_proj_dim is None:
+        raise SystemExit(f"error: '{model}' is not an SD1.5-style LCM (a UNet with time_cond_proj_dim); pass one")
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).to(device)
     return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
 
 
-def check_model(args, tokenizer, vae, unet, scheduler, prompts: list[str], is_main: bool) -> tuple:
-    """Checks that need the loaded LCM (sizes, step count, prompt lengths); returns the latent shape (C, H, W)."""
-    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+def check_model(args, vae, unet, scheduler) -> tuple:
+    """The flags' checks that need the loaded LCM; returns the latent shape (C, H, W)."""
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
     if args.num_inference_steps > scheduler.config.original_inference_steps:
         raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
                          f"steps this LCM was distilled on (got {args.num_inference_steps})")
-    unique = list(dict.fromkeys(prompts))  # encode_prompts cuts long prompts silently: say it once
-    cut = [p for p, ids in zip(unique, tokenizer(unique, truncation=False, verbose=False).input_ids)
-           if len(ids) > tokenizer.model_max_length]
-    if cut and is_main:
-        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
-              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
-    return unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae)
-
-
-def vae_scale(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale
 
 
 def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
@@ -938,69 +944,31 @@ def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
     return lora_params
 
 
-@torch.no_grad()
-def set_lora(unet, lora: dict) -> None:
-    """Copy saved LoRA weights (name -> tensor) into the unet."""
-    params = dict(unet.named_parameters())
-    for name, value in lora.items():
-        params[name].copy_(value)
-
-
-def read_text(path: Path, flag: str, fix: str) -> str:
-    """The file's UTF-8 text; an unreadable or binary (undecodable, NUL bytes) file is one line naming flag."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise SystemExit(f"error: {flag} '{path}' is not UTF-8 text (byte {error.start} is "
-                         f"{error.object[error.start]:#04x}); {fix}")
-    except OSError as error:
-        raise SystemExit(f"error: {flag} '{path}' cannot be read ({error.strerror}); {fix}")
-    if "\0" in text:
-        raise SystemExit(f"error: {flag} '{path}' is a binary file (it holds NUL bytes); {fix}")
-    return text
-
-
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"  # the default training and evaluation prompts
 
 
 def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
-    prompts = [line.strip() for line in read_text(path, flag, "pass a text file, one prompt per line").splitlines()]
-    if not any(prompts):
-        raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
-    return [prompt for prompt in prompts if prompt]
+        raise SystemExit(f"error: {flag} '{path}' does not exist; pass a file of prompts, one per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: {flag} '{path}' has no prompts; write one prompt per line")
+    return prompts
 
 
 def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
     """'name' or 'name=path' -> a frozen reward module (see common.load_reward)."""
     name, _, path = spec.partition("=")
-    if name not in REWARDS:
-        raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
     try:
         return load_reward(name, path or None, device=device, dtype=dtype)
-    except (FileNotFoundError, ImportError) as error:
-        raise SystemExit(f"error: {error}")
+    except (OSError, ImportError) as error:
+        raise SystemExit(f"error: could not load the reward '{spec}' ({first_line(error)}); fix it or leave it out")
 
 
 def load_eval_rewards(specs, dtype: torch.dtype) -> dict:
-    """The evaluation rewards that load (one whose package or weights are missing is skipped with a warning; an
-    unknown name stops), kept on the CPU between evaluations so that they cost no GPU memory during training."""
-    rewards = {}
-    for spec in specs:
-        try:
-            rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), dtype)
-        except SystemExit as error:
-            if spec.partition("=")[0] not in REWARDS:
-                raise
-            print(f"warning: skipping evaluation reward: {str(error).removeprefix('error: ')}")
-    return rewards
-
-
-def derived_seed(*keys: int) -> int:
-    """A seed from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and ranks differ."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """name -> reward, kept on the CPU between evaluations so that they cost no GPU memory during training."""
+    return {spec.partition("=")[0]: load_reward_spec(spec, torch.device("cpu"), dtype) for spec in specs}
 
 
 def global_mean(values: torch.Tensor, world_size: int) -> float:
@@ -1011,231 +979,54 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
-    """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, run record, the script's extra state."""
-    lora = {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
-    return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
-                          "grad_scaler": grad_scaler.state_dict(), **run, **extra})
-
-
-def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
-    """The LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it), with the training
-    state if given; written to NAME.tmp and renamed, so that an interrupted save never replaces a good directory."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # LatentConsistencyModelPipeline's LoRA saver
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
-        shutil.rmtree(leftover, ignore_errors=True)
-    # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader assumes
-    # alpha = rank and applies the LoRA at rank / alpha of its trained strength
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        save_directory=tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> bool:
-    """checkpoints/step_N: LoRA and training state; keeps the newest `limit` (None: all) and drops what interrupted
-    saves left. A failed save (disk full) warns and keeps the earlier checkpoints; returns whether it saved."""
-    checkpoints = run_dir / "checkpoints"
-    try:
-        save_lora(unet, checkpoints / f"step_{state['step']:06d}", training_state=state)
-    except Exception as error:  # disk full comes as OSError or as the writer's own error type
-        print(f"warning: could not save the checkpoint of step {state['step']} in {checkpoints} "
-              f"({first_line(error)}); the earlier checkpoints are intact")
-        return False
-    stale = sorted(checkpoints.glob("step_[0-9]*[0-9]"))[:-limit] if limit else []
-    for path in [*stale, *checkpoints.glob("step_*.old"), *checkpoints.glob("step_*.tmp")]:
-        shutil.rmtree(path, ignore_errors=True)
-    return True
-
-
-def save_final(unet, run_dir: Path) -> Path:
-    """run_dir/final, else (disk full) a new directory in the temp dir, then /dev/shm: the weights outlive the error."""
-    failures = []
-    for parent in (None, tempfile.gettempdir(), "/dev/shm"):
-        try:
-            target = (Path(tempfile.mkdtemp(prefix=f"{run_dir.name}_", dir=parent)) if parent else run_dir) / "final"
-            save_lora(unet, target)
-        except Exception as error:  # disk full comes as OSError or as the writer's own error type
-            failures.append(f"{parent or run_dir}: {first_line(error)}")
-            continue
-        if failures:
-            raise SystemExit(f"error: could not save the final LoRA ({failures[0]}); the trained "
-                             f"weights are in {target}: move them to {run_dir / 'final'} once there is room")
-        return target
-    raise SystemExit(f"error: could not save the final LoRA anywhere ({'; '.join(failures)}); the trained weights "
-                     "are lost: free disk space and train with --save-every")
-
-
-def find_checkpoint(path: Path) -> tuple[Path, dict]:
-    """A checkpoint directory itself, or the newest readable one inside a run directory; with its training state."""
-    states = sorted((path / "checkpoints").glob("step_[0-9]*[0-9]/training_state.pt"), reverse=True)
-    candidates = [path] if (path / "training_state.pt").is_file() else [state.parent for state in states]
-    if not candidates:
-        raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
-                         "or one of its checkpoints/step_N directories")
-    for checkpoint in candidates:
-        try:
-            return checkpoint, torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated (full disk, partial copy): reader, EOF or unpickling errors
-            print(f"warning: skipping the unreadable checkpoint {checkpoint} ({first_line(error)})")
-    raise SystemExit(f"error: no readable checkpoint in '{path}'; start a new run or pass --resume another directory")
-
-
-def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]:
-    """Before any model loads: --output-dir must take files; --resume's checkpoint must be readable, by this script,
-    with the same RUN_FLAGS, its run directory free. Returns (its state + path + changed flags, its lock) or Nones."""
-    if not args.resume:
-        check_writable(Path(args.output_dir), "--output-dir")
-        return None, None
-    checkpoint, state = find_checkpoint(Path(args.resume))
-    if state.get("script", run["script"]) != run["script"]:
-        raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
-    changed = {flag: [old, run["args"].get(flag)] for flag, old in state.get("args", {}).items()
-               if old != run["args"].get(flag) and flag not in ("resume", "output_dir")}  # both unused on resume
-    spelled = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}  # the others as flags
-    names = {flag: spelled.get(flag, f"--{flag}".replace("_", "-")) for flag in changed}
-    for flag in (flag for flag in RUN_FLAGS if flag in changed):
-        raise SystemExit(f"error: '{checkpoint}' was trained with {names[flag]} {changed[flag][0]}, this run has "
-                         f"{changed[flag][1]}; resume with the same value or start a new run")
-    check_writable(checkpoint.parent.parent, "--resume")
-    if changed and is_main:
-        print("changed on resume: " + ", ".join(f"{names[f]} {old} -> {new}" for f, (old, new) in changed.items()))
-    state.update(path=checkpoint, changed=changed)
-    return state, lock_run_dir(checkpoint.parent.parent) if is_main else None
-
-
-def check_writable(path: Path, flag: str) -> None:
-    """One line now, not a traceback once the models are loaded, if path (or where it would be made) takes no files."""
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        reason = "is read-only" if existing.is_dir() else "is not a directory"
-        raise SystemExit(f"error: {flag} '{path}' cannot take files ('{existing}' {reason}); pass a directory you "
-                         "can write to")
-
-
-def lock_run_dir(run_dir: Path):
-    """Lock run_dir/.lock while this process trains there; the OS releases it however the process ends (a killed
-    run leaves no stale lock). Returns the open lock file, to be kept referenced."""
-    try:
-        import fcntl
-    except ImportError:  # not on Unix (Windows): train unlocked
-        return None
-    lock = (run_dir / ".lock").open("a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise SystemExit(f"error: another process (pid {lock.read().strip() or '?'}) is training in '{run_dir}'; "
-                         "wait for it to end or stop it")
-    lock.truncate(0)
-    print(os.getpid(), file=lock, end="", flush=True)
-    return lock
-
-
-def new_run_dir(args, is_main: bool, world_size: int) -> Path:
-    """A new run directory (_2, _3, ... if runs start in the same second), made by rank 0 and broadcast to the rest."""
-    names = [None]
-    if is_main:
-        base = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-        for n in range(1, 1000):
-            names = [str(base.with_name(base.name + (f"_{n}" if n > 1 else "")))]
-            with contextlib.suppress(FileExistsError):
-                Path(names[0]).mkdir(parents=True)
-                break
-    if world_size > 1:
-        dist.broadcast_object_list(names)
-    return Path(names[0])
-
-
 def first_line(error: BaseException) -> str:
-    """An exception's first message line (or its type's name), for one-line messages."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return str(error).strip().partition("\n")[0] or type(error).__name__
 
 
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     from PIL import Image
     n, _, h, w = images.shape
     columns = min(columns, n)
-    rows = -(-n // columns)
-    pixels = torch.zeros(rows * columns, 3, h, w, dtype=torch.uint8)  # empty cells of the last row stay black
-    pixels[:n] = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    cells = torch.zeros(-(-n // columns) * columns, 3, h, w)  # empty cells of the last row stay black
+    cells[:n] = images.float().cpu()
+    grid = cells.reshape(-1, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(-1, columns * w, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.reshape(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3)
-                    .numpy()).save(path)
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy()).save(path)
 
 
-def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
-    """README.md (a diffusers-style model card) and args.json beside the saved LoRA."""
-    offline = getattr(args, "pairs", "online") == "offline"
-    rows = {"base model": args.model, "script": f"{Path(__file__).name}: {__doc__.strip().splitlines()[0]}",
-            "reward": f"offline pairs from {args.pairs_file}" if offline else args.reward,
-            "beta": getattr(args, "beta", "n/a (PPO's clipped ratio is the only regularizer)"),
-            "steps": args.train_steps, "sampling steps": args.num_inference_steps,
-            "guidance scale": args.guidance_scale, "LoRA rank / alpha": f"{args.lora_rank} / {args.lora_alpha}",
-            "learning rate": args.lr, "seed": args.seed}
-    evaluation = [f"Final evaluation (step {scored_step}, mean over the held-out prompts):", "", "| reward | score |",
-                  "|---|---|", *[f"| {name.removeprefix('eval/')} | {value:.4f} |" for name, value in scores.items()]]
-    lines = ["---", f"base_model: {args.model}", "library_name: diffusers", "tags:", "- lora",
-             "- latent-consistency-model", "- text-to-image", f"- {Path(__file__).stem}", "---", "",
-             f"# {directory.parent.name}", "",
-             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.", "",
-             "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows.items()], "",
-             *(evaluation if scores else ["No final evaluation was run."]), "", "Load it with diffusers:", "",
-             "```python", "from diffusers import LatentConsistencyModelPipeline", "",
-             f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
-             f'pipe.load_lora_weights("{directory}")',
-             f'image = pipe("a photo of a cat", num_inference_steps={args.num_inference_steps}, '
-             f"guidance_scale={args.guidance_scale}).images[0]", "```", "",
-             "All arguments of the run are in `args.json`.", ""]
-    (directory / "README.md").write_text("\n".join(lines))
-    (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
-
-
-def validate_shared(args, problems: list = (), **bounds: str) -> None:
-    """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
-    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the seed's
-    range, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
-    for name, value in asdict(args).items():
-        if isinstance(value, float) and not np.isfinite(value):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
-    bounds = {"num_inference_steps": ">= 1", "train_steps": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1",
-              "eval_batch_size": ">= 1", "lr": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0; 0 switches the LoRA off",
-              "weight_decay": ">= 0", "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0",
-              "max_grad_norm": "> 0; 0 zeroes every update, a negative value reverses it", "resolution": ">= 1",
-              "checkpoint_limit": ">= 1", "guidance_scale": ">= 1; the LCM is conditioned on w = guidance_scale - 1",
-              **bounds}
-    for name, spec in bounds.items():
-        bound, _, why = spec.partition("; ")
-        value, (relation, limit) = getattr(args, name), bound.split()
-        if not (value >= float(limit) if relation == ">=" else value > float(limit)):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
-    model_problem = missing_local_directory(args.model)
-    failures = [(not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (got {args.seed})"),
-                (model_problem, f"could not load the LCM pipeline: --model directory '{args.model}' {model_problem}; "
-                                "pass an existing local pipeline directory or a hub id (org/name)")]
-    for flag, spec in [("--reward", args.reward), *(("--eval-rewards", spec) for spec in args.eval_rewards)]:
-        name, _, path = spec.partition("=")
-        problem = missing_local_directory(path) if path and name != "imagereward" else None  # it also takes a file
-        failures += [(name not in REWARDS, f"unknown reward '{name}' in {flag}; choose one of: {', '.join(REWARDS)}"),
-                     (problem, f"could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
-                               f"existing local directory as {name}=DIR or a hub id")]
-    failures += [(args.device.startswith("cuda") and not torch.cuda.is_available(),
-                  "CUDA is not available here; pass --device cpu --mixed-precision no (slow)"),
-                 (args.resume and not Path(args.resume).is_dir(),
-                  f"--resume '{args.resume}' is not a directory; pass a run or checkpoint directory"), *problems]
-    for failed, message in failures:
+def validate_shared(args, problems: list) -> None:
+    """Stop with one line, before anything loads, at the first impossible setting: the shared flags', then the
+    script's own (condition, message) pairs."""
+    values = {name.replace("_", "-"): value for name, value in asdict(args).items()}
+    positive = ["num-inference-steps", "train-steps", "batch-size", "eval-batch-size", "lr", "lora-rank",
+                "lora-alpha", "max-grad-norm", "resolution", "log-every", "checkpoint-limit", "max-nonfinite-steps"]
+    specs = [spec.partition("=") for spec in (args.reward, *args.eval_rewards)]
+    unknown = next((name for name, _, _ in specs if name not in REWARDS), None)
+    local = [path for name, _, path in specs if path and name != "imagereward"]  # imagereward's is a file
+    missing = next((path for path in local if missing_local_directory(path)), None)
+    shared = [
+        *((not math.isfinite(value), f"--{name} must be a finite number (got {value})")
+          for name, value in values.items() if isinstance(value, float)),
+        *((values[name] <= 0, f"--{name} must be > 0 (got {values[name]})") for name in positive),
+        *((values[name] < 0, f"--{name} must be >= 0 (got {values[name]})")
+          for name in ("weight-decay", "eval-every", "save-every")),
+        (args.guidance_scale < 1, f"--guidance-scale must be >= 1 (got {args.guidance_scale}): w = scale - 1"),
+        (not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (got {args.seed})"),
+        (args.device.split(":")[0] not in ("cuda", "cpu"), f"--device must be cuda or cpu (got {args.device})"),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(),
+         "CUDA is not available here; pass --device cpu --mixed-precision no (slow)"),
+        (unknown, f"unknown reward '{unknown}'; choose one of: {', '.join(REWARDS)}"),
+        (missing_local_directory(args.model), f"--model '{args.model}' is not a directory; pass a pipeline "
+                                              "directory or a hub id (org/name)"),
+        (missing, f"the reward directory '{missing}' does not exist; fix NAME=DIR or pass NAME alone"),
+        (args.resume and not Path(args.resume).is_dir(), f"--resume '{args.resume}' is not a directory"),
+        (Path(args.exp_name).name != args.exp_name or args.exp_name in ("", ".", ".."),
+         f"--exp-name '{args.exp_name}' must be a plain name (a directory in --output-dir)"),
+        *problems]
+    for failed, message in shared:
         if failed:
             raise SystemExit(f"error: {message}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))
+    main(cli(Args))

@@ -16,14 +16,15 @@ Run (CPU, about a minute, on the embedded digits world): README.md, "Each script
 """
 
 import contextlib
-import copy
 import json
+import math
 import os
 import random
 import shutil
-import tempfile
+import signal
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -40,8 +41,8 @@ class Args:
     # algorithm
     reward: str = "pickscore"
     """reward to maximize, NAME or NAME=PATH (hub id or local dir), differentiable: pickscore, hpsv2, clipscore, ..."""
-    beta: float = 0.01
-    """KL weight; the paper's rule: beta * KL about one order of magnitude below the reward"""
+    beta: float = 1e-4
+    """KL weight (the paper's scale); its rule: beta * KL about one order of magnitude below the reward"""
     reference_grad: bool = True
     """differentiate the reference's mean through x_k too: the KL's exact gradient (off: a cheaper biased surrogate)"""
     train_steps: int = 1000
@@ -191,6 +192,11 @@ def draw_chain_noise(shape, num_steps: int, generator: torch.Generator, device) 
     return draws[0], draws[1:]
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and ranks differ."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
     return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
@@ -200,65 +206,62 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 # ALGORITHM: ROCM's objective, the KL-regularized reward of the chain
 # --------------------------------------------------------------------------------------------
 
-def sample_chain(unet, latents, noises, schedule: list[ChainStep], prompt_embeds, w_embedding,
-                 with_kl: bool = False, reference_grad: bool = True, checkpoint: bool = False):
+def sample_chain(unet, latents, noises, schedule: list[ChainStep], embeds, w_embedding, with_kl: bool = False,
+                 reference_grad: bool = True, gradient_checkpointing: bool = False):
     """Run the K-step chain with gradients; return (final latent x_0, per-sample sum of step KLs, 0 without with_kl).
 
     The reference's mean is the frozen base's at the chain's own x_k, which depends on theta, and so does f_ref(x_k):
     reference_grad keeps that path, the exact gradient; without it (no_grad, ~1/4 cheaper per step) the gradient
-    misses -beta (mean - mean_ref) J_ref dx_k/dtheta, a bias zero at the base that grows with the distance from it.
-    """
-    x, total_kl = latents, torch.zeros(latents.shape[0], device=latents.device)
+    misses -beta (mean - mean_ref) J_ref dx_k/dtheta, a bias zero at the base that grows with the distance from it."""
+    x = latents
+    total_kl = torch.zeros(latents.shape[0], device=latents.device)
     for step, noise in zip(schedule[:-1], noises, strict=True):  # the last step adds no noise: no policy step, no KL
-        mean = step.alpha_next * unet_call(consistency_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
+        mean = step.alpha_next * unet_call(consistency_fn, gradient_checkpointing, unet, x, step, embeds, w_embedding)
         if with_kl:
             with torch.set_grad_enabled(torch.is_grad_enabled() and reference_grad):
-                reference = unet_call(reference_fn, checkpoint, unet, x, step, prompt_embeds, w_embedding)
-            total_kl = total_kl + gaussian_divergence("kl", mean.float(), (step.alpha_next * reference).float(),
-                                                      step.sigma_next)
+                reference = unet_call(reference_fn, gradient_checkpointing, unet, x, step, embeds, w_embedding)
+            total_kl += gaussian_divergence("kl", mean.float(), (step.alpha_next * reference).float(), step.sigma_next)
         x = mean + step.sigma_next * noise
-    return unet_call(consistency_fn, checkpoint, unet, x, schedule[-1], prompt_embeds, w_embedding), total_kl
+    return unet_call(consistency_fn, gradient_checkpointing, unet, x, schedule[-1], embeds, w_embedding), total_kl
 
 
 def rocm_loss(rewards: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
-    """-J: the negative KL-regularized reward, averaged over the batch."""
-    return (-rewards + beta * kl).mean()
+    """-J: the negative KL-regularized reward, averaged over the batch; at beta 0 the KL is only measured, left out."""
+    return (-rewards).mean() if beta == 0 else (-rewards + beta * kl).mean()
 
 
 class RocmObjective(torch.nn.Module):
-    """The loss of one micro-batch as one forward (the chain with gradients, decode, reward, KL): wrapped whole in
-    DistributedDataParallel, not the UNet, it gives DDP the one forward per backward it expects, although the chain
-    calls the UNet K times, plus reference passes and recomputations."""
+    """The loss of one micro-batch as one forward (chain with gradients, decode, reward, KL): DDP wraps it whole, not
+    the UNet, for the one forward per backward it expects, though the chain calls the UNet many times."""
 
-    def __init__(self, tokenizer, text_encoder, vae, unet, reward_fn, schedule: list[ChainStep], beta: float,
-                 reference_grad: bool = True, checkpoint: bool = True, checkpoint_decode: bool = False):
+    def __init__(self, models: tuple, reward_fn, schedule: list[ChainStep], beta: float, reference_grad: bool = True,
+                 gradient_checkpointing: bool = True, checkpoint_decode: bool = False):
         super().__init__()
-        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
-        self.reward_fn, self.schedule, self.beta, self.reference_grad = reward_fn, schedule, beta, reference_grad
-        self.checkpoint, self.checkpoint_decode = checkpoint, checkpoint_decode
+        self.tokenizer, self.text_encoder, self.vae, self.unet = models  # load_lcm's, without the scheduler
+        self.reward_fn = reward_fn
+        self.schedule = schedule
+        self.beta = beta
+        self.reference_grad = reference_grad and beta > 0  # at beta 0 the KL is only measured: no gradient
+        self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_decode = checkpoint_decode
 
     def forward(self, prompts: list[str], latents, noises, w_embedding):
         """Returns (loss, per-sample rewards, per-sample KL)."""
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
         final, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding, with_kl=True,
-                                 reference_grad=self.reference_grad and self.beta > 0, checkpoint=self.checkpoint)
-        kl = kl if self.beta > 0 else kl.detach()  # at beta 0 only measured (the drift from the base), no gradient
+                                 reference_grad=self.reference_grad, gradient_checkpointing=self.gradient_checkpointing)
         rewards = unet_call(lambda z: self.reward_fn(decode(self.vae, z), prompts), self.checkpoint_decode, final)
         return rocm_loss(rewards.float(), kl, self.beta), rewards.float(), kl
 
 
 def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size: int, rank: int, world_size: int,
                 latent_shape: tuple, num_steps: int, device):
-    """This rank's slice of the global micro-batch: its prompts, initial latents and chain noise.
-
-    Every sample's noise depends only on its global index, so N ranks with batch b see exactly the samples one
-    process with batch N*b sees.
-    """
+    """This rank's slice of the global micro-batch: its prompts, initial latents and chain noise. Each sample's noise
+    depends only on its global index, so N ranks with batch b see exactly the samples of one process with batch N*b."""
     chosen = random.Random(derived_seed(seed, step, micro)).choices(prompts, k=batch_size * world_size)
     mine = range(rank * batch_size, (rank + 1) * batch_size)
-    draws = [draw_chain_noise((1, *latent_shape), num_steps,
-                              torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i)), device)
-             for i in mine]
+    generators = [torch.Generator(device=device).manual_seed(derived_seed(seed, step, micro, i)) for i in mine]
+    draws = [draw_chain_noise((1, *latent_shape), num_steps, generator, device) for generator in generators]
     latents = torch.cat([latent for latent, _ in draws])
     noises = [torch.cat(per_step) for per_step in zip(*[noise for _, noise in draws])]
     return [chosen[i] for i in mine], latents, noises
@@ -270,21 +273,20 @@ def micro_batch(seed: int, prompts: list[str], step: int, micro: int, batch_size
 
 def main(args: Args) -> None:
     validate(args)
-    offline_if_hub_unreachable([args.model, args.reward, *args.eval_rewards])
     train_prompts = read_prompts(args.prompts_file or PROMPTS_DIR / "train.txt")
     eval_prompts = read_prompts(args.eval_prompts_file or PROMPTS_DIR / "eval.txt", "--eval-prompts-file")
-    run = Run(args)  # rank and device; a --resume checkpoint is checked and its directory locked before models load
+    run = Run(args)  # rank, device, run directory; a --resume checkpoint is read and checked before models load
     device = run.device
 
     # ---- models: the LCM with a LoRA (the policy; the base is the same UNet with the LoRA off), the rewards
     tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
-    latent_shape = check_model(args, tokenizer, vae, unet, scheduler, train_prompts + eval_prompts, run.is_main)
+    latent_shape = check_model(args, vae, unet, scheduler)
     reward_fn = load_reward_spec(args.reward, device, run.dtype)
     eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
-    objective = RocmObjective(tokenizer, text_encoder, vae, unet, reward_fn, schedule, args.beta, args.reference_grad,
+    objective = RocmObjective((tokenizer, text_encoder, vae, unet), reward_fn, schedule, args.beta, args.reference_grad,
                               args.gradient_checkpointing, args.checkpoint_decode)
     w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
     images_per_step = args.batch_size * args.grad_accum * run.world_size  # one reward query each
@@ -300,8 +302,7 @@ def main(args: Args) -> None:
     for step in range(start_step + 1, args.train_steps + 1):
         unet.train()
         started = time.perf_counter()
-        run.snapshot(step - 1)  # the weights before this update, kept while they are the last with a finite loss
-        measured, finite = [], True  # per micro-batch: (rewards, KLs, loss)
+        measured = []  # per micro-batch: (rewards, KLs, loss)
         # ---- sample and loss: the chain with gradients, the reward of the decoded image, the KL to the base
         for micro in range(args.grad_accum):
             prompts, latents, noises = micro_batch(args.seed, train_prompts, step, micro, args.batch_size, run.rank,
@@ -309,19 +310,17 @@ def main(args: Args) -> None:
             with run.backward_pass(objective, step, last=micro == args.grad_accum - 1):
                 with run.autocast:
                     loss, reward, kl = objective(prompts, latents, noises, w_embedding)
-                finite &= torch.isfinite(loss).item()
                 run.grad_scaler.scale(loss / args.grad_accum).backward()
             measured.append((reward.detach(), kl.detach(), loss.detach().reshape(1)))
+        rewards, kls, losses = (torch.cat(values) for values in zip(*measured))
         # ---- update: skipped on every rank together when a loss or a gradient is not finite
-        grad_norm = run.update(step, finite, lora_params, args.max_grad_norm)
+        grad_norm = run.update(step, torch.isfinite(losses).all().item(), lora_params, args.max_grad_norm)
         step_time = time.perf_counter() - started
-        # ---- log
         if grad_norm is not None and step % args.log_every == 0:
-            reward_mean, kl_mean, loss_mean = (global_mean(torch.cat(v), run.world_size) for v in zip(*measured))
+            reward_mean, kl_mean, loss_mean = (global_mean(values, run.world_size) for values in (rewards, kls, losses))
             run.log_step(step, {"train/reward": reward_mean, "train/kl": kl_mean, "train/divergence": kl_mean,
                                 "train/loss": loss_mean, "train/grad_norm": grad_norm}, f"reward {reward_mean:.4f} "
                          f"kl {kl_mean:.4f} loss {loss_mean:.4f}", step_time, images_per_step, images_per_step)
-        # ---- save and evaluate
         run.save(step)
         if args.eval_every and step % args.eval_every == 0 and step != args.train_steps:
             evaluate_now(step)
@@ -344,7 +343,11 @@ def validate(args: Args) -> None:
     validate_shared(args, [
         (args.reward.partition("=")[0] not in DIFFERENTIABLE_REWARDS, f"reward '{args.reward}' has no gradient; ROCM "
          f"needs a differentiable reward ({', '.join(DIFFERENTIABLE_REWARDS)}) or use rlcm_ppo.py"),
-    ], beta=">= 0")
+        (args.grad_accum < 1, f"--grad-accum must be >= 1 (got {args.grad_accum})"),
+        (args.beta < 0, f"--beta must be >= 0 (got {args.beta})"),
+        (args.num_inference_steps == 1 and args.beta > 0, "--num-inference-steps 1 has no stochastic step, so the KL "
+         "is 0 and --beta has no effect; use --num-inference-steps >= 2 or --beta 0"),
+    ])
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,80 +355,85 @@ def validate(args: Args) -> None:
 # --------------------------------------------------------------------------------------------
 
 class Run:
-    """This process's share of a run (ranks, mixed precision, locked run directory, non-finite guard, logging,
-    evaluation, saving); built before any model loads."""
+    """A process's share of a run, made before any model loads (so that flag and resume errors come first)."""
 
     def __init__(self, args, unit: str = "step"):
-        self.args, self.unit, self.started = args, unit, time.time()
-        self.rank, self.world_size, self.device = 0, int(os.environ.get("WORLD_SIZE", "1")), torch.device(args.device)
-        if self.world_size > 1:  # started by torchrun, whose environment variables name the process group
-            if args.device.startswith("cuda"):
+        self.args = args
+        self.unit = unit
+        self.rank = 0
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = torch.device(args.device)
+        if self.world_size > 1:  # started by torchrun
+            if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.rank = dist.get_rank()
         self.is_main = self.rank == 0
-        self.record = {"script": Path(__file__).name, "args": {**asdict(args), "world_size": self.world_size,
-                                                               "global_batch": args.batch_size * self.world_size}}
-        self.resumed, self.lock = prepare_run(args, self.record, self.is_main)
         self.dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-        self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=args.mixed_precision != "no")
+        self.autocast = torch.autocast(self.device.type, self.dtype, enabled=args.mixed_precision != "no")
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
-        self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"  # what a non-finite stop advises
-        self.good = self.pending = None  # training states: the newest with a finite loss; this update's start
-        self.in_a_row, self.skipped, self.scores, self.scored_step, self.wandb = 0, 0, {}, None, None
+        self.nonfinite_fix = "lower --lr or use --mixed-precision bf16/no"
+        self.in_a_row = 0
+        self.skipped = 0
+        self.started = time.time()
+        self.record = {**asdict(args), "world_size": self.world_size, "global_batch": args.batch_size * self.world_size}
+        self.resumed = resume_state(args, self.record) if args.resume else None
+        self.in_place = self.resumed["in_place"] if self.resumed else False
+        names = [Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(self.started)}"]
+        while names[0].exists():  # another run started in the same second
+            names[0] = names[0].with_name(names[0].name + "_")
+        if self.world_size > 1:  # rank 0's name: the ranks may start in different seconds
+            dist.broadcast_object_list(names)
+        self.run_dir = self.resumed["path"].parent.parent if self.in_place else names[0]
+        self.wandb = start_wandb(args, self.run_dir) if args.track and self.is_main else None
+        if self.is_main and not self.in_place:
+            self.run_dir.mkdir(parents=True)
+            resumed_from = str(self.resumed["path"]) if self.resumed else None
+            (self.run_dir / "args.json").write_text(json.dumps({**asdict(args), "resumed_from": resumed_from}))
+        signal.signal(signal.SIGINT, self.interrupted)
         torch.manual_seed(args.seed)
 
     def begin(self, unet, optimizer, objective, batch_text: str):
-        """Resume (the script restores its own extra state from self.resumed) or make a new run directory; returns
-        (the step it starts after, the objective wrapped for DDP)."""
-        self.unet, self.optimizer, resumed, args = unet, optimizer, self.resumed or {}, self.args
-        self.start_step, self.started = resumed.get("step", 0), self.started - resumed.get("elapsed_s", 0.0)
-        if resumed:
-            set_lora(unet, resumed["lora"])
-            optimizer.load_state_dict(resumed["optimizer"])
-            for group in optimizer.param_groups:  # the saved groups hold the values the checkpoint was trained with
-                group.update(lr=args.lr, weight_decay=args.weight_decay)
-            if resumed["grad_scaler"] and self.grad_scaler.is_enabled():  # a loss scale exists only under fp16
-                self.grad_scaler.load_state_dict(resumed["grad_scaler"])
-            self.run_dir = resumed["path"].parent.parent
-            if self.is_main:  # args.json keeps the flags the run started with; each resume appends its own
-                with (self.run_dir / "resumes.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": self.start_step, "checkpoint": str(resumed["path"]),
-                                        "changed": resumed["changed"], "args": asdict(args)}) + "\n")
-        else:
-            self.run_dir = new_run_dir(args, self.is_main, self.world_size)
-            if self.is_main:
-                self.lock = lock_run_dir(self.run_dir)
-                (self.run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-        if self.world_size > 1:  # gradients of the LoRA weights (the only trainable ones) are all-reduced
-            objective = torch.nn.parallel.DistributedDataParallel(
-                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        """Restore a resumed run, wrap the objective for DDP; returns (the step it starts after, objective)."""
+        self.unet = unet
+        self.optimizer = optimizer
+        self.start_step = 0
+        if self.resumed:
+            self.start_step = self.resumed["step"]
+            self.started -= self.resumed["elapsed_s"]
+            unet.load_state_dict(self.resumed["lora"], strict=False)
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            for group in optimizer.param_groups:  # the saved groups hold the checkpoint's values
+                group.update(lr=self.args.lr, weight_decay=self.args.weight_decay)
+            if self.resumed["grad_scaler"]:  # a loss scale exists only under fp16
+                self.grad_scaler.load_state_dict(self.resumed["grad_scaler"])
+        if self.is_main and self.in_place:  # the steps after the checkpoint run again: their lines go
+            metrics = self.run_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines(keepends=True)
+            metrics.write_text("".join(line for line in lines if json.loads(line)["step"] <= self.start_step))
+        if self.world_size > 1:  # all-reduces the gradients of the LoRA, the only trainable weights
+            objective = torch.nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
         if self.is_main:
-            resumed_at = f" (resumed at {self.unit} {self.start_step})" if resumed else ""
+            resumed_at = f" (resumed at {self.unit} {self.start_step})" if self.resumed else ""
             print(f"run directory: {self.run_dir}{resumed_at}\neffective batch: {batch_text} per {self.unit}")
-            if args.track:  # a resumed run continues its wandb run, whose id is kept in the run directory
-                import wandb
-                id_file = self.run_dir / "wandb_run_id.txt"
-                id_file.write_text(wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),
-                                              name=self.run_dir.name, resume="allow",
-                                              id=id_file.read_text().strip() if id_file.exists() else None).id)
-                self.wandb = wandb
+            if self.wandb:
+                (self.run_dir / "wandb_run_id.txt").write_text(self.wandb.run.id)
         self.loop_started = time.perf_counter()
         return self.start_step, objective
 
-    def state(self, step: int, **extra) -> dict:
-        return training_state(step, self.unet, self.optimizer, self.grad_scaler,
-                              {**self.record, "elapsed_s": time.time() - self.started}, **extra)
-
-    def snapshot(self, step: int, **extra) -> None:
-        """Keep the state at the start of an update: it becomes the good one once the update's loss is finite."""
-        self.pending = self.state(step, **extra)
+    def interrupted(self, *_) -> None:
+        """Ctrl-C: one line naming where to continue from, not a traceback."""
+        saved = sorted((self.run_dir / "checkpoints").glob("step_*[0-9]"))
+        how = "no checkpoint was saved (--save-every N saves them)"
+        if saved:
+            how = (f"the newest checkpoint is {saved[-1]}; continue with: "
+                   f"python {Path(__file__).name} --resume {self.run_dir}")
+        raise SystemExit(f"interrupted; {how}" if self.is_main else 1)
 
     @contextlib.contextmanager
     def backward_pass(self, objective, step: int, last: bool = True):
-        """Around a micro-batch's forward and backward: DDP all-reduces only in the last; out of memory is one line."""
+        """A micro-batch's forward and backward: DDP all-reduces only in the last; out of memory is one line."""
         try:
             with contextlib.nullcontext() if last or self.world_size == 1 else objective.no_sync():
                 yield
@@ -433,68 +441,55 @@ class Run:
             raise SystemExit(f"error: out of memory at {self.unit} {step}; {OOM_FIX}")
 
     def update(self, step: int, finite: bool, params, max_grad_norm: float) -> Optional[float]:
-        """Clip and step, or skip the update on all ranks if any rank's loss or gradient was not finite (a non-finite
-        loss still ran backward, so the ranks' all-reduces stay aligned). Returns the gradient norm, None if skipped."""
+        """Clip and step, or skip on every rank if any rank's loss or gradient was not finite (its backward still
+        ran, so the all-reduces stay aligned). Returns the gradient norm, None if skipped."""
         self.grad_scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        ok = torch.tensor(float(finite and torch.isfinite(grad_norm)), device=self.device)
-        finite = global_mean(ok, self.world_size) == 1  # on every rank, so that all ranks step or all skip
-        if finite:
-            self.good, self.pending, self.in_a_row = self.pending or self.good, None, 0
+        ok = torch.tensor(float(finite and grad_norm.isfinite()), device=self.device)
+        all_ok = global_mean(ok, self.world_size) == 1
+        if all_ok:
             self.grad_scaler.step(self.optimizer)
+            self.in_a_row = 0
         else:
-            self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+            self.in_a_row += 1
+            self.skipped += 1
             if self.is_main:
-                print(f"warning: {self.unit} {step}: non-finite loss or gradient, update skipped "
-                      f"({self.in_a_row} in a row)")
-                self.log({"train/skipped_steps": self.skipped}, step)
+                print(f"warning: {self.unit} {step}: non-finite loss or gradient, update skipped")
         self.grad_scaler.update()  # after a skip under fp16 this lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.in_a_row >= self.args.max_nonfinite_steps:
-            self.stop(f"{self.in_a_row} non-finite steps in a row at {self.unit} {step}")
-        return grad_norm.item() if finite else None
+            self.stop(f"{self.in_a_row} non-finite {self.unit}s in a row")
+        return grad_norm.item() if all_ok else None
 
     def stop(self, what: str) -> None:
-        """Exit naming the checkpoint to resume from: the last finite weights, saved if their step has none."""
-        target = self.good and self.run_dir / "checkpoints" / f"step_{self.good['step']:06d}"
-        if self.good:
-            self.restore_last_finite()
-            if self.is_main and not (target / "training_state.pt").is_file():
-                target = save_checkpoint(self.run_dir, self.unet, self.good, None) and target
-        if not target:
-            raise SystemExit(f"error: {what}; no step had a finite loss, so nothing was saved; {self.nonfinite_fix}")
-        raise SystemExit(f"error: {what}; the last weights with a finite loss are in {target}; {self.nonfinite_fix}, "
-                         f"and continue with --resume {target}")
-
-    def restore_last_finite(self) -> None:
-        """Back to the newest weights with a finite loss; newer checkpoints become step_N.nonfinite: one saved right
-        after the update that broke the weights (no loss had shown it yet) must not be what --resume RUN_DIR picks."""
-        set_lora(self.unet, self.good["lora"])
-        for path in sorted((self.run_dir / "checkpoints").glob("step_[0-9]*[0-9]")):
-            if self.is_main and int(path.name.removeprefix("step_")) > self.good["step"]:
-                path.rename(path.with_name(path.name + ".nonfinite"))
-                print(f"warning: {path} holds weights that gave no finite loss; renamed it {path.name}.nonfinite")
+        """Exit with one line naming the newest checkpoint whose weights are finite."""
+        where = "no checkpoint has finite weights"
+        for checkpoint in sorted((self.run_dir / "checkpoints").glob("step_*[0-9]"), reverse=True):
+            lora = torch.load(checkpoint / "training_state.pt", weights_only=True)["lora"]
+            if all(value.isfinite().all() for value in lora.values()):
+                where = f"then --resume {checkpoint}"
+                break
+        raise SystemExit(f"error: {what}; {self.nonfinite_fix}, {where}" if self.is_main else 1)
 
     def log(self, metrics: dict, step: int, media: Optional[dict] = None) -> None:
-        """Scalars to metrics.jsonl (and wandb); media (wandb objects) to wandb only."""
+        """Scalars to metrics.jsonl (NaN as null: JSON has none) and wandb; media to wandb only."""
+        finite = {name: value if math.isfinite(value) else None for name, value in metrics.items()}
         with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **finite}) + "\n")
         if self.wandb:
             self.wandb.log({**metrics, **(media or {})}, step=step)
 
     def log_step(self, step: int, metrics: dict, text: str, step_time: float, images: int, queries: int) -> None:
-        """Print a step's line with its throughput, elapsed time and ETA; log it with the run's cost so far (the x
-        axes of reward-versus-compute curves, over all ranks: images trained on, reward queries, seconds)."""
+        """Print a step's line with its ETA; log it with the run's cost so far (the x axes of cost curves)."""
         if not self.is_main:
             return
-        elapsed, steps_done = time.time() - self.started, max(step - self.start_step, 1)
-        eta = (time.perf_counter() - self.loop_started) / steps_done * (self.args.train_steps - step)
-        clock = [f"{int(s) // 3600}:{int(s) // 60 % 60:02d}:{int(s) % 60:02d}" for s in (elapsed + 0.5, eta + 0.5)]
+        elapsed = time.time() - self.started
+        eta = (time.perf_counter() - self.loop_started) / (step - self.start_step) * (self.args.train_steps - step)
         print(f"{self.unit} {step}/{self.args.train_steps} {text} | {images / step_time:.2f} samples/s | "
-              f"elapsed {clock[0]} eta {clock[1]}")
+              f"elapsed {elapsed / 60:.1f} min, eta {eta / 60:.1f} min")
         metrics.update({"perf/step_time_s": step_time, "perf/samples_per_s": images / step_time,
                         "perf/train_images": step * images, "perf/reward_queries": step * queries,
-                        "perf/elapsed_s": elapsed})
+                        "perf/elapsed_s": elapsed, "train/skipped_steps": self.skipped})
         if self.device.type == "cuda":
             metrics["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log(metrics, step)
@@ -502,140 +497,203 @@ class Run:
     @torch.no_grad()
     def evaluate(self, step: int, sample, models, prompts: list[str], rewards: dict, latent_shape: tuple,
                  num_steps: int) -> None:
-        """Sample the held-out prompts with a fixed seed (sample(latents, noises, embeds, w_embedding): the
-        script's chain -> final latents), score them with every evaluation reward, save the grid, log the means."""
+        """Sample the held-out prompts with fixed noise (sample: the script's chain to the final latents), score
+        them with every evaluation reward, log the means, save the grid."""
         if self.is_main:
-            (tokenizer, text_encoder, vae, unet), args = models, self.args
+            tokenizer, text_encoder, vae, unet = models
             unet.eval()
-            print(f"evaluating {len(prompts)} prompts...", flush=True)
-            generator = torch.Generator(device=self.device).manual_seed(args.seed + 1_000_003)
-            images, scores = [], {name: [] for name in rewards}
-            for batch in (prompts[i:i + args.eval_batch_size] for i in range(0, len(prompts), args.eval_batch_size)):
+            generator = torch.Generator(self.device).manual_seed(self.args.seed + 1_000_003)
+            images = []
+            scores = {f"eval/{name}": [] for name in rewards}
+            for reward in rewards.values():  # kept on the CPU between evaluations
+                reward.to(self.device)
+            for start in range(0, len(prompts), self.args.eval_batch_size):
+                batch = prompts[start:start + self.args.eval_batch_size]
                 latents, noises = draw_chain_noise((len(batch), *latent_shape), num_steps, generator, self.device)
+                w = guidance_embedding(self.args.guidance_scale, unet.config.time_cond_proj_dim, len(batch),
+                                       self.device)
                 with self.autocast:
                     embeds = encode_prompts(tokenizer, text_encoder, batch)
-                    w = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch), self.device)
                     batch_images = decode(vae, sample(latents, noises, embeds, w))
-                    for name, reward in rewards.items():  # kept on the CPU between evaluations
-                        scores[name].append(reward.to(self.device)(batch_images, batch).float().cpu())
+                    for name, reward in rewards.items():
+                        scores[f"eval/{name}"].append(reward(batch_images, batch).float().cpu())
                 images.append(batch_images.cpu())
             for reward in rewards.values():
                 reward.to("cpu")
-            grid = self.run_dir / "samples" / f"step_{step:06d}.png"
-            save_image_grid(torch.cat(images), grid)
-            self.scores = {f"eval/{name}": torch.cat(values).mean().item() for name, values in scores.items()}
-            self.scored_step = step
+            self.scores = {name: torch.cat(values).mean().item() for name, values in scores.items()}
+            self.example_prompt = prompts[0]
             print(f"eval {self.unit} {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
-            # the grid as one image file: wandb stores its PNG (images inside a wandb.Table were stored as text)
-            self.log(self.scores, step, self.wandb and {"eval/samples": self.wandb.Image(
-                str(grid), caption=f"{self.unit} {step}: " + " | ".join(prompts))})
+            grid = self.run_dir / "samples" / f"step_{step:06d}.png"
+            try:  # a full disk here must not end the run
+                save_image_grid(torch.cat(images), grid)
+            except OSError as error:
+                print(f"warning: could not write {grid} ({first_line(error)})")
+            self.log(self.scores, step, {"eval/samples": self.wandb.Image(str(grid))} if self.wandb else None)
         if self.world_size > 1:
             dist.barrier()
 
     def save(self, step: int, **extra) -> None:
-        """The periodic checkpoint, if one is due; never after a non-finite loss, which came from these weights."""
-        if self.args.save_every and step % self.args.save_every == 0 and not self.in_a_row:
-            if self.is_main:
-                save_checkpoint(self.run_dir, self.unet, self.state(step, **extra), self.args.checkpoint_limit)
-            if self.world_size > 1:
-                dist.barrier()
+        """A checkpoint when one is due (extra: the script's own state), never after a non-finite loss."""
+        if self.args.save_every and step % self.args.save_every == 0 and not self.in_a_row and self.is_main:
+            lora = {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
+            state = dict(step=step, lora=lora, optimizer=self.optimizer.state_dict(), script=Path(__file__).name,
+                         grad_scaler=self.grad_scaler.state_dict(), args=self.record,
+                         elapsed_s=time.time() - self.started, **extra)
+            save_checkpoint(self.run_dir, self.unet, self.args, state)
+        if self.world_size > 1:
+            dist.barrier()
 
     def finish(self, params, final_evaluation) -> None:
-        """Last finite weights after a non-finite streak, ranks compared, final evaluation, LoRA with a model card."""
-        if self.in_a_row and self.good:
-            self.restore_last_finite()
-            if self.is_main:
-                print(f"warning: the run ended with {self.in_a_row} non-finite steps in a row; final/ holds the "
-                      f"weights of {self.unit} {self.good['step']}, the last with a finite loss")
-        if self.world_size > 1:  # they cannot drift apart while gradients are all-reduced: fail loudly if they did
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            extremes = torch.stack([flat, -flat])  # each weight's max and -min over the ranks, in one all-reduce
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            if not torch.equal(extremes[0], -extremes[1]):
-                raise SystemExit(f"error: the LoRA weights differ across ranks (max gap {extremes.sum(0).max():.3g})")
-            if self.is_main:
-                print(f"LoRA weights identical on all {self.world_size} ranks")
-        if self.args.train_steps > self.start_step:
-            final_evaluation()
+        """The final LoRA if its weights are finite, then its evaluation and card (whose failures only warn)."""
+        final = self.run_dir / "final"
         if self.is_main:
-            final_dir = save_final(self.unet, self.run_dir)
-            write_model_card(final_dir, self.args, self.scores, self.scored_step)
-            print(f"saved LoRA to {final_dir} (with a model card, README.md, and args.json)")
+            if not all(p.isfinite().all() for p in params):
+                self.stop("the LoRA weights are not finite, so final/ is not written")
+            save_lora(self.unet, final, self.args)
+        final_evaluation()
+        if self.is_main:
+            if not all(math.isfinite(value) for value in self.scores.values()):
+                shutil.rmtree(final)
+                self.stop("the LoRA gives non-finite evaluation scores, so final/ is removed")
+            try:
+                write_model_card(final, self.args, self.scores, self.example_prompt)
+            except OSError as error:
+                print(f"warning: no model card ({first_line(error)}); the LoRA is saved")
+            print(f"saved {final}; evaluate it: python benchmarks/evaluate.py --lora {final}")
             if self.wandb:
                 self.wandb.finish()
         if self.world_size > 1:
             dist.destroy_process_group()
 
 
-def offline_if_hub_unreachable(sources: list[str], timeout: float = 3.0) -> None:
-    """Set HF_HUB_OFFLINE=1 (local cache only) if the hub is unreachable, not minutes of retries per download; not if
-    set, all sources (NAME=PATH or paths) local, or behind a proxy. Call first: huggingface_hub reads it at import."""
-    import socket
-    from urllib.parse import urlparse
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
-            all(Path(source.partition("=")[2] or source).exists() for source in sources) or \
-            any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+def cli(args_class):
+    """The flags; with --resume, the checkpoint's own flags are the defaults, so only a change needs typing."""
+    argv = sys.argv[1:]
+    resume = [value for flag, value in zip(argv, argv[1:]) if flag == "--resume"]
+    resume += [flag.removeprefix("--resume=") for flag in argv if flag.startswith("--resume=")]
+    default = None
+    for path in resume[-1:]:
+        saved = [Path(path, "args.json"), *sorted(Path(path).glob("checkpoints/step_*[0-9]/args.json"))]
+        if saved[-1].is_file():
+            flags = json.loads(saved[-1].read_text())
+            known = {field.name for field in fields(args_class)}  # another script's flags: resume_state refuses it
+            default = args_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in flags.items() if k in known})
+    return tyro.cli(args_class, default=default, description=__doc__.split("\n\n")[0])
+
+
+def resume_state(args, record: dict) -> dict:
+    """--resume's checkpoint (or a run directory's newest), checked: this script's, same RUN_FLAGS, steps left."""
+    path = Path(args.resume)
+    found = [path] if (path / "training_state.pt").is_file() else sorted(path.glob("checkpoints/step_*[0-9]"))
+    if not found:
+        raise SystemExit(f"error: no checkpoint in '{path}'; pass a run directory saved with --save-every")
+    checkpoint = found[-1]
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    if state["script"] != Path(__file__).name:
+        raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
+    for flag in [flag for flag in RUN_FLAGS if state["args"][flag] != record[flag]][:1]:
+        name = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}.get(flag, "--" + flag.replace("_", "-"))
+        raise SystemExit(f"error: '{checkpoint}' was trained with {name} {state['args'][flag]}, this run has "
+                         f"{record[flag]}; resume with the same value or start a new run")
+    if args.train_steps <= state["step"]:
+        raise SystemExit(f"error: '{checkpoint}' is at {state['step']}; pass a --train-steps above it")
+    newest = sorted(checkpoint.parent.glob("step_*[0-9]"))[-1]
+    # a run's newest checkpoint continues in its run directory; any other starts a new one
+    state["in_place"] = checkpoint.parent.name == "checkpoints" and checkpoint == newest
+    state["path"] = checkpoint
+    return state
+
+
+def start_wandb(args, run_dir: Path):
+    """wandb, continuing the run directory's own wandb run on resume; one line if it cannot start."""
+    import wandb
+    id_file = run_dir / "wandb_run_id.txt"
+    run_id = id_file.read_text() if id_file.exists() else None
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)),
-                                 timeout=timeout).close()
-    except OSError:
-        print(f"warning: the Hugging Face hub ({endpoint.hostname}) is unreachable; loading from the local cache "
-              "only, as with HF_HUB_OFFLINE=1", flush=True)
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_dir.name,
+                   id=run_id, resume="allow")
+    except Exception as error:  # no API key, no network: many types
+        raise SystemExit(f"error: --track could not start wandb ({first_line(error)}); run `wandb login` once, "
+                         "or set WANDB_MODE=offline")
+    return wandb
+
+
+def save_lora(unet, directory: Path, args, training_state: Optional[dict] = None) -> None:
+    """The LoRA in diffusers format, args.json, the training state if given: in NAME.tmp, then renamed NAME."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # LatentConsistencyModelPipeline's saver
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    tmp = directory.with_name(directory.name + ".tmp")
+    try:  # the adapter's config travels in the file: without lora_alpha a loader assumes alpha = rank
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
+        (tmp / "args.json").write_text(json.dumps(asdict(args), indent=2))
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+    except BaseException:  # a half-written save (disk full, Ctrl-C) leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(directory, ignore_errors=True)  # only final/ is written twice (a finished run, resumed)
+    tmp.rename(directory)
+
+
+def save_checkpoint(run_dir: Path, unet, args, state: dict) -> None:
+    """checkpoints/step_N, keeping the newest --checkpoint-limit; a failed save (disk full) warns."""
+    target = run_dir / "checkpoints" / f"step_{state['step']:06d}"
+    try:
+        save_lora(unet, target, args, state)
+    except Exception as error:  # disk full comes as OSError or as the writer's own error type
+        print(f"warning: could not save {target} ({first_line(error)}); training goes on")
+        return
+    for old in sorted(target.parent.glob("step_*[0-9]"))[:-args.checkpoint_limit]:
+        shutil.rmtree(old)
+
+
+def write_model_card(directory: Path, args, scores: dict, prompt: str) -> None:
+    table = "".join(f"| {name} | {value:.4f} |\n" for name, value in scores.items())
+    (directory / "README.md").write_text(
+        f"---\nbase_model: {args.model}\nlibrary_name: diffusers\ntags: [lora, latent-consistency-model]\n---\n\n"
+        f"# {directory.parent.name}\n\nA LoRA for `{args.model}`, trained by `{Path(__file__).name}` "
+        f"({__doc__.splitlines()[0]}); every flag is in `args.json`.\n\n"
+        f"| held-out reward | mean |\n|---|---|\n{table}\n```python\n"
+        "from diffusers import LatentConsistencyModelPipeline\n\n"
+        f"pipe = LatentConsistencyModelPipeline.from_pretrained({json.dumps(args.model)})\n"
+        f"pipe.load_lora_weights({json.dumps(str(directory))})\n"
+        f"image = pipe({json.dumps(prompt)}, num_inference_steps={args.num_inference_steps}, "
+        f"guidance_scale={args.guidance_scale}).images[0]\n```\n")
 
 
 def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
-    """Load tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
+    """Tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
-    diffusers_logging.disable_progress_bar()  # per-file progress bars would bury the run's own lines
-    transformers_logging.disable_progress_bar()
     try:
-        # the UNet's config first (one small file): an unsupported family is refused before any weights load
-        unet_config = UNet2DConditionModel.load_config(model, subfolder="unet")
-        if unet_config.get("addition_embed_type") == "text_time" or (Path(model) / "text_encoder_2").is_dir():
-            raise SystemExit(f"error: '{model}' is an SDXL-style LCM (two text encoders, text_time conditioning); "
-                             "SDXL-style LCMs are not supported (yet); pass an SD1.5-style LCM such as "
-                             "SimianLuo/LCM_Dreamshaper_v7")
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder, vae, unet = (cls.from_pretrained(model, subfolder=folder, torch_dtype=weight_dtype)
-                                   for cls, folder in ((CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
-                                                       (UNet2DConditionModel, "unet")))
+        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
         scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
     except Exception as error:  # hub and file errors come in many types; all mean the same here
-        raise SystemExit(f"error: could not load the LCM pipeline from '{model}' ({first_line(error)}); pass --model "
-                         "a local pipeline directory, or a hub id that is reachable or already in the cache (offline "
-                         "machines: set HF_HUB_OFFLINE=1 and pass local directories)")
-    if unet.config.time_cond_proj_dim is None:
-        raise SystemExit(f"error: '{model}' has no guidance-conditioned UNet (time_cond_proj_dim); pass an LCM")
+        raise SystemExit(f"error: could not load the LCM pipeline '{model}' ({first_line(error)}); pass a local "
+                         "pipeline directory or a cached hub id (offline: set HF_HUB_OFFLINE=1)")
+    if unet.config.addition_embed_type == "text_time" or unet.config.time_cond_proj_dim is None:
+        raise SystemExit(f"error: '{model}' is not an SD1.5-style LCM (a UNet with time_cond_proj_dim); pass one")
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).to(device)
     return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
 
 
-def check_model(args, tokenizer, vae, unet, scheduler, prompts: list[str], is_main: bool) -> tuple:
-    """Checks that need the loaded LCM (sizes, step count, prompt lengths); returns the latent shape (C, H, W)."""
-    factor = vae_scale(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+def check_model(args, vae, unet, scheduler) -> tuple:
+    """The flags' checks that need the loaded LCM; returns the latent shape (C, H, W)."""
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
     if args.resolution % factor:
         raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
     if args.num_inference_steps > scheduler.config.original_inference_steps:
         raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
                          f"steps this LCM was distilled on (got {args.num_inference_steps})")
-    unique = list(dict.fromkeys(prompts))  # encode_prompts cuts long prompts silently: say it once
-    cut = [p for p, ids in zip(unique, tokenizer(unique, truncation=False, verbose=False).input_ids)
-           if len(ids) > tokenizer.model_max_length]
-    if cut and is_main:
-        print(f"warning: {len(cut)} of {len(unique)} prompts are longer than the text encoder's limit of "
-              f"{tokenizer.model_max_length} tokens and are cut to it, e.g. '{cut[0][:50]}...'; shorten them")
-    return unet.config.in_channels, args.resolution // vae_scale(vae), args.resolution // vae_scale(vae)
-
-
-def vae_scale(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale
 
 
 def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
@@ -649,69 +707,31 @@ def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
     return lora_params
 
 
-@torch.no_grad()
-def set_lora(unet, lora: dict) -> None:
-    """Copy saved LoRA weights (name -> tensor) into the unet."""
-    params = dict(unet.named_parameters())
-    for name, value in lora.items():
-        params[name].copy_(value)
-
-
-def read_text(path: Path, flag: str, fix: str) -> str:
-    """The file's UTF-8 text; an unreadable or binary (undecodable, NUL bytes) file is one line naming flag."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise SystemExit(f"error: {flag} '{path}' is not UTF-8 text (byte {error.start} is "
-                         f"{error.object[error.start]:#04x}); {fix}")
-    except OSError as error:
-        raise SystemExit(f"error: {flag} '{path}' cannot be read ({error.strerror}); {fix}")
-    if "\0" in text:
-        raise SystemExit(f"error: {flag} '{path}' is a binary file (it holds NUL bytes); {fix}")
-    return text
-
-
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"  # the default training and evaluation prompts
 
 
 def read_prompts(path: str | Path, flag: str = "--prompts-file") -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: prompts file '{path}' does not exist; pass an existing file, one prompt per line")
-    prompts = [line.strip() for line in read_text(path, flag, "pass a text file, one prompt per line").splitlines()]
-    if not any(prompts):
-        raise SystemExit(f"error: prompts file '{path}' has no prompts; write one prompt per line")
-    return [prompt for prompt in prompts if prompt]
+        raise SystemExit(f"error: {flag} '{path}' does not exist; pass a file of prompts, one per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: {flag} '{path}' has no prompts; write one prompt per line")
+    return prompts
 
 
 def load_reward_spec(spec: str, device: torch.device, dtype: torch.dtype):
     """'name' or 'name=path' -> a frozen reward module (see common.load_reward)."""
     name, _, path = spec.partition("=")
-    if name not in REWARDS:
-        raise SystemExit(f"error: unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
     try:
         return load_reward(name, path or None, device=device, dtype=dtype)
-    except (FileNotFoundError, ImportError) as error:
-        raise SystemExit(f"error: {error}")
+    except (OSError, ImportError) as error:
+        raise SystemExit(f"error: could not load the reward '{spec}' ({first_line(error)}); fix it or leave it out")
 
 
 def load_eval_rewards(specs, dtype: torch.dtype) -> dict:
-    """The evaluation rewards that load (one whose package or weights are missing is skipped with a warning; an
-    unknown name stops), kept on the CPU between evaluations so that they cost no GPU memory during training."""
-    rewards = {}
-    for spec in specs:
-        try:
-            rewards[spec.partition("=")[0]] = load_reward_spec(spec, torch.device("cpu"), dtype)
-        except SystemExit as error:
-            if spec.partition("=")[0] not in REWARDS:
-                raise
-            print(f"warning: skipping evaluation reward: {str(error).removeprefix('error: ')}")
-    return rewards
-
-
-def derived_seed(*keys: int) -> int:
-    """A seed from integer keys (seed, step, batch, sample, ...): stateless, so runs resume exactly and ranks differ."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """name -> reward, kept on the CPU between evaluations so that they cost no GPU memory during training."""
+    return {spec.partition("=")[0]: load_reward_spec(spec, torch.device("cpu"), dtype) for spec in specs}
 
 
 def global_mean(values: torch.Tensor, world_size: int) -> float:
@@ -722,231 +742,54 @@ def global_mean(values: torch.Tensor, world_size: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def training_state(step: int, unet, optimizer, grad_scaler, run: dict, **extra) -> dict:
-    """A copy of what resuming after `step` needs: LoRA, optimizer, loss scale, run record, the script's extra state."""
-    lora = {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
-    return copy.deepcopy({"step": step, "lora": lora, "optimizer": optimizer.state_dict(),
-                          "grad_scaler": grad_scaler.state_dict(), **run, **extra})
-
-
-def save_lora(unet, directory: Path, training_state: Optional[dict] = None) -> None:
-    """The LoRA in diffusers format (LatentConsistencyModelPipeline.load_lora_weights reads it), with the training
-    state if given; written to NAME.tmp and renamed, so that an interrupted save never replaces a good directory."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin  # LatentConsistencyModelPipeline's LoRA saver
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    for leftover in (tmp, old):  # what an interrupted save left; a leftover .old would block the rename below
-        shutil.rmtree(leftover, ignore_errors=True)
-    # the adapter config (lora_alpha above all) travels in the file's metadata: without it a loader assumes
-    # alpha = rank and applies the LoRA at rank / alpha of its trained strength
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        save_directory=tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), safe_serialization=True)
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(run_dir: Path, unet, state: dict, limit: Optional[int]) -> bool:
-    """checkpoints/step_N: LoRA and training state; keeps the newest `limit` (None: all) and drops what interrupted
-    saves left. A failed save (disk full) warns and keeps the earlier checkpoints; returns whether it saved."""
-    checkpoints = run_dir / "checkpoints"
-    try:
-        save_lora(unet, checkpoints / f"step_{state['step']:06d}", training_state=state)
-    except Exception as error:  # disk full comes as OSError or as the writer's own error type
-        print(f"warning: could not save the checkpoint of step {state['step']} in {checkpoints} "
-              f"({first_line(error)}); the earlier checkpoints are intact")
-        return False
-    stale = sorted(checkpoints.glob("step_[0-9]*[0-9]"))[:-limit] if limit else []
-    for path in [*stale, *checkpoints.glob("step_*.old"), *checkpoints.glob("step_*.tmp")]:
-        shutil.rmtree(path, ignore_errors=True)
-    return True
-
-
-def save_final(unet, run_dir: Path) -> Path:
-    """run_dir/final, else (disk full) a new directory in the temp dir, then /dev/shm: the weights outlive the error."""
-    failures = []
-    for parent in (None, tempfile.gettempdir(), "/dev/shm"):
-        try:
-            target = (Path(tempfile.mkdtemp(prefix=f"{run_dir.name}_", dir=parent)) if parent else run_dir) / "final"
-            save_lora(unet, target)
-        except Exception as error:  # disk full comes as OSError or as the writer's own error type
-            failures.append(f"{parent or run_dir}: {first_line(error)}")
-            continue
-        if failures:
-            raise SystemExit(f"error: could not save the final LoRA ({failures[0]}); the trained "
-                             f"weights are in {target}: move them to {run_dir / 'final'} once there is room")
-        return target
-    raise SystemExit(f"error: could not save the final LoRA anywhere ({'; '.join(failures)}); the trained weights "
-                     "are lost: free disk space and train with --save-every")
-
-
-def find_checkpoint(path: Path) -> tuple[Path, dict]:
-    """A checkpoint directory itself, or the newest readable one inside a run directory; with its training state."""
-    states = sorted((path / "checkpoints").glob("step_[0-9]*[0-9]/training_state.pt"), reverse=True)
-    candidates = [path] if (path / "training_state.pt").is_file() else [state.parent for state in states]
-    if not candidates:
-        raise SystemExit(f"error: no checkpoint in '{path}'; pass --resume a run directory saved with --save-every "
-                         "or one of its checkpoints/step_N directories")
-    for checkpoint in candidates:
-        try:
-            return checkpoint, torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated (full disk, partial copy): reader, EOF or unpickling errors
-            print(f"warning: skipping the unreadable checkpoint {checkpoint} ({first_line(error)})")
-    raise SystemExit(f"error: no readable checkpoint in '{path}'; start a new run or pass --resume another directory")
-
-
-def prepare_run(args, run: dict, is_main: bool) -> tuple[Optional[dict], object]:
-    """Before any model loads: --output-dir must take files; --resume's checkpoint must be readable, by this script,
-    with the same RUN_FLAGS, its run directory free. Returns (its state + path + changed flags, its lock) or Nones."""
-    if not args.resume:
-        check_writable(Path(args.output_dir), "--output-dir")
-        return None, None
-    checkpoint, state = find_checkpoint(Path(args.resume))
-    if state.get("script", run["script"]) != run["script"]:
-        raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
-    changed = {flag: [old, run["args"].get(flag)] for flag, old in state.get("args", {}).items()
-               if old != run["args"].get(flag) and flag not in ("resume", "output_dir")}  # both unused on resume
-    spelled = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}  # the others as flags
-    names = {flag: spelled.get(flag, f"--{flag}".replace("_", "-")) for flag in changed}
-    for flag in (flag for flag in RUN_FLAGS if flag in changed):
-        raise SystemExit(f"error: '{checkpoint}' was trained with {names[flag]} {changed[flag][0]}, this run has "
-                         f"{changed[flag][1]}; resume with the same value or start a new run")
-    check_writable(checkpoint.parent.parent, "--resume")
-    if changed and is_main:
-        print("changed on resume: " + ", ".join(f"{names[f]} {old} -> {new}" for f, (old, new) in changed.items()))
-    state.update(path=checkpoint, changed=changed)
-    return state, lock_run_dir(checkpoint.parent.parent) if is_main else None
-
-
-def check_writable(path: Path, flag: str) -> None:
-    """One line now, not a traceback once the models are loaded, if path (or where it would be made) takes no files."""
-    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        reason = "is read-only" if existing.is_dir() else "is not a directory"
-        raise SystemExit(f"error: {flag} '{path}' cannot take files ('{existing}' {reason}); pass a directory you "
-                         "can write to")
-
-
-def lock_run_dir(run_dir: Path):
-    """Lock run_dir/.lock while this process trains there; the OS releases it however the process ends (a killed
-    run leaves no stale lock). Returns the open lock file, to be kept referenced."""
-    try:
-        import fcntl
-    except ImportError:  # not on Unix (Windows): train unlocked
-        return None
-    lock = (run_dir / ".lock").open("a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise SystemExit(f"error: another process (pid {lock.read().strip() or '?'}) is training in '{run_dir}'; "
-                         "wait for it to end or stop it")
-    lock.truncate(0)
-    print(os.getpid(), file=lock, end="", flush=True)
-    return lock
-
-
-def new_run_dir(args, is_main: bool, world_size: int) -> Path:
-    """A new run directory (_2, _3, ... if runs start in the same second), made by rank 0 and broadcast to the rest."""
-    names = [None]
-    if is_main:
-        base = Path(args.output_dir) / f"{args.exp_name}__{args.seed}__{int(time.time())}"
-        for n in range(1, 1000):
-            names = [str(base.with_name(base.name + (f"_{n}" if n > 1 else "")))]
-            with contextlib.suppress(FileExistsError):
-                Path(names[0]).mkdir(parents=True)
-                break
-    if world_size > 1:
-        dist.broadcast_object_list(names)
-    return Path(names[0])
-
-
 def first_line(error: BaseException) -> str:
-    """An exception's first message line (or its type's name), for one-line messages."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return str(error).strip().partition("\n")[0] or type(error).__name__
 
 
 def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     from PIL import Image
     n, _, h, w = images.shape
     columns = min(columns, n)
-    rows = -(-n // columns)
-    pixels = torch.zeros(rows * columns, 3, h, w, dtype=torch.uint8)  # empty cells of the last row stay black
-    pixels[:n] = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    cells = torch.zeros(-(-n // columns) * columns, 3, h, w)  # empty cells of the last row stay black
+    cells[:n] = images.float().cpu()
+    grid = cells.reshape(-1, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(-1, columns * w, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.reshape(rows, columns, 3, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, 3)
-                    .numpy()).save(path)
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy()).save(path)
 
 
-def write_model_card(directory: Path, args, scores: dict, scored_step: Optional[int]) -> None:
-    """README.md (a diffusers-style model card) and args.json beside the saved LoRA."""
-    offline = getattr(args, "pairs", "online") == "offline"
-    rows = {"base model": args.model, "script": f"{Path(__file__).name}: {__doc__.strip().splitlines()[0]}",
-            "reward": f"offline pairs from {args.pairs_file}" if offline else args.reward,
-            "beta": getattr(args, "beta", "n/a (PPO's clipped ratio is the only regularizer)"),
-            "steps": args.train_steps, "sampling steps": args.num_inference_steps,
-            "guidance scale": args.guidance_scale, "LoRA rank / alpha": f"{args.lora_rank} / {args.lora_alpha}",
-            "learning rate": args.lr, "seed": args.seed}
-    evaluation = [f"Final evaluation (step {scored_step}, mean over the held-out prompts):", "", "| reward | score |",
-                  "|---|---|", *[f"| {name.removeprefix('eval/')} | {value:.4f} |" for name, value in scores.items()]]
-    lines = ["---", f"base_model: {args.model}", "library_name: diffusers", "tags:", "- lora",
-             "- latent-consistency-model", "- text-to-image", f"- {Path(__file__).stem}", "---", "",
-             f"# {directory.parent.name}", "",
-             f"A LoRA for the LCM `{args.model}`, trained with `{Path(__file__).name}`.", "",
-             "| setting | value |", "|---|---|", *[f"| {name} | {value} |" for name, value in rows.items()], "",
-             *(evaluation if scores else ["No final evaluation was run."]), "", "Load it with diffusers:", "",
-             "```python", "from diffusers import LatentConsistencyModelPipeline", "",
-             f'pipe = LatentConsistencyModelPipeline.from_pretrained("{args.model}")',
-             f'pipe.load_lora_weights("{directory}")',
-             f'image = pipe("a photo of a cat", num_inference_steps={args.num_inference_steps}, '
-             f"guidance_scale={args.guidance_scale}).images[0]", "```", "",
-             "All arguments of the run are in `args.json`.", ""]
-    (directory / "README.md").write_text("\n".join(lines))
-    (directory / "args.json").write_text(json.dumps(asdict(args), indent=2))
-
-
-def validate_shared(args, problems: list = (), **bounds: str) -> None:
-    """Reject impossible settings with one line before anything loads: non-finite floats, flags outside their
-    bounds (the shared ones, and bounds such as beta=">= 0" or ">= 2; why" that add or override them), the seed's
-    range, unknown rewards, missing local directories, then the script's own (failed, message) pairs."""
-    for name, value in asdict(args).items():
-        if isinstance(value, float) and not np.isfinite(value):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be a finite number (got {value})")
-    bounds = {"num_inference_steps": ">= 1", "train_steps": ">= 0", "batch_size": ">= 1", "grad_accum": ">= 1",
-              "eval_batch_size": ">= 1", "lr": "> 0", "lora_rank": ">= 1", "lora_alpha": "> 0; 0 switches the LoRA off",
-              "weight_decay": ">= 0", "log_every": ">= 1", "eval_every": ">= 0", "save_every": ">= 0",
-              "max_grad_norm": "> 0; 0 zeroes every update, a negative value reverses it", "resolution": ">= 1",
-              "checkpoint_limit": ">= 1", "guidance_scale": ">= 1; the LCM is conditioned on w = guidance_scale - 1",
-              **bounds}
-    for name, spec in bounds.items():
-        bound, _, why = spec.partition("; ")
-        value, (relation, limit) = getattr(args, name), bound.split()
-        if not (value >= float(limit) if relation == ">=" else value > float(limit)):
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be {bound} (got {value}{why and '; ' + why})")
-    model_problem = missing_local_directory(args.model)
-    failures = [(not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (got {args.seed})"),
-                (model_problem, f"could not load the LCM pipeline: --model directory '{args.model}' {model_problem}; "
-                                "pass an existing local pipeline directory or a hub id (org/name)")]
-    for flag, spec in [("--reward", args.reward), *(("--eval-rewards", spec) for spec in args.eval_rewards)]:
-        name, _, path = spec.partition("=")
-        problem = missing_local_directory(path) if path and name != "imagereward" else None  # it also takes a file
-        failures += [(name not in REWARDS, f"unknown reward '{name}' in {flag}; choose one of: {', '.join(REWARDS)}"),
-                     (problem, f"could not load reward '{name}': {flag} directory '{path}' {problem}; pass an "
-                               f"existing local directory as {name}=DIR or a hub id")]
-    failures += [(args.device.startswith("cuda") and not torch.cuda.is_available(),
-                  "CUDA is not available here; pass --device cpu --mixed-precision no (slow)"),
-                 (args.resume and not Path(args.resume).is_dir(),
-                  f"--resume '{args.resume}' is not a directory; pass a run or checkpoint directory"), *problems]
-    for failed, message in failures:
+def validate_shared(args, problems: list) -> None:
+    """Stop with one line, before anything loads, at the first impossible setting: the shared flags', then the
+    script's own (condition, message) pairs."""
+    values = {name.replace("_", "-"): value for name, value in asdict(args).items()}
+    positive = ["num-inference-steps", "train-steps", "batch-size", "eval-batch-size", "lr", "lora-rank",
+                "lora-alpha", "max-grad-norm", "resolution", "log-every", "checkpoint-limit", "max-nonfinite-steps"]
+    specs = [spec.partition("=") for spec in (args.reward, *args.eval_rewards)]
+    unknown = next((name for name, _, _ in specs if name not in REWARDS), None)
+    local = [path for name, _, path in specs if path and name != "imagereward"]  # imagereward's is a file
+    missing = next((path for path in local if missing_local_directory(path)), None)
+    shared = [
+        *((not math.isfinite(value), f"--{name} must be a finite number (got {value})")
+          for name, value in values.items() if isinstance(value, float)),
+        *((values[name] <= 0, f"--{name} must be > 0 (got {values[name]})") for name in positive),
+        *((values[name] < 0, f"--{name} must be >= 0 (got {values[name]})")
+          for name in ("weight-decay", "eval-every", "save-every")),
+        (args.guidance_scale < 1, f"--guidance-scale must be >= 1 (got {args.guidance_scale}): w = scale - 1"),
+        (not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32) (got {args.seed})"),
+        (args.device.split(":")[0] not in ("cuda", "cpu"), f"--device must be cuda or cpu (got {args.device})"),
+        (args.device.startswith("cuda") and not torch.cuda.is_available(),
+         "CUDA is not available here; pass --device cpu --mixed-precision no (slow)"),
+        (unknown, f"unknown reward '{unknown}'; choose one of: {', '.join(REWARDS)}"),
+        (missing_local_directory(args.model), f"--model '{args.model}' is not a directory; pass a pipeline "
+                                              "directory or a hub id (org/name)"),
+        (missing, f"the reward directory '{missing}' does not exist; fix NAME=DIR or pass NAME alone"),
+        (args.resume and not Path(args.resume).is_dir(), f"--resume '{args.resume}' is not a directory"),
+        (Path(args.exp_name).name != args.exp_name or args.exp_name in ("", ".", ".."),
+         f"--exp-name '{args.exp_name}' must be a plain name (a directory in --output-dir)"),
+        *problems]
+    for failed, message in shared:
         if failed:
             raise SystemExit(f"error: {message}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))
+    main(cli(Args))

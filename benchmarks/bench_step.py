@@ -123,7 +123,7 @@ class Bench:
         self.schedule = module.lcm_schedule(self.scheduler, run_args.num_inference_steps, device)
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=run_args.lr, weight_decay=run_args.weight_decay,
                                            fused=device.type == "cuda")
-        side = run_args.resolution // module.vae_scale(self.vae)
+        side = run_args.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_shape = (self.unet.config.in_channels, side, side)
         self.images = batch_size
         self.iteration: Optional[Callable[[int], None]] = None
@@ -158,12 +158,13 @@ class RocmBench(Bench):
     def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int, divergence: str = ""):
         super().__init__(script, args, models, batch_size, **({"divergence": divergence} if divergence else {}))
         m, a = self.module, self.run_args
-        models = (self.tokenizer, self.text_encoder, self.vae, self.unet, self.reward_fn, self.schedule)
+        models = ((self.tokenizer, self.text_encoder, self.vae, self.unet), self.reward_fn, self.schedule)
         # plain arguments, as the scripts' main() passes them; rocm_fdiv adds its divergence's knobs
         fdiv = dict(divergence=a.divergence, reduction=a.reduction, js_estimator=a.js_estimator) \
             if script == "rocm_fdiv" else {}
         self.objective = m.RocmObjective(*models, beta=a.beta, reference_grad=a.reference_grad,
-                                         checkpoint=a.gradient_checkpointing, checkpoint_decode=a.checkpoint_decode,
+                                         gradient_checkpointing=a.gradient_checkpointing,
+                                         checkpoint_decode=a.checkpoint_decode,
                                          **fdiv)
         self.w_embedding = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, batch_size,
                                                 self.device)
@@ -190,7 +191,8 @@ class PpoBench(Bench):
         super().__init__(script, args, models, batch_size)
         m, a = self.module, self.run_args
         self.unet.eval()  # as the script: sampling and training policy are the same function
-        self.objective = m.PpoObjective(self.unet, self.scheduler, self.schedule, a.clip_range, a.logprob_reduction)
+        self.objective = m.PpoObjective(self.unet, self.scheduler, self.schedule, a.clip_range, a.logprob_reduction,
+                                        a.gradient_checkpointing)
         dim = self.unet.config.time_cond_proj_dim
         self.sample_w = m.guidance_embedding(a.guidance_scale, dim, a.batch_size, self.device)
         self.train_w = m.guidance_embedding(a.guidance_scale, dim, a.train_batch_size, self.device)
@@ -243,20 +245,20 @@ class DpoBench(Bench):
         super().__init__(script, args, models, batch_size)
         m, a = self.module, self.run_args
         self.unet.train()
-        self.objective = m.CmDpoObjective(self.unet, self.scheduler, self.schedule, self.lora_params, None, beta=a.beta,
+        self.objective = m.CmDpoObjective(self.unet, self.scheduler, self.schedule, None, beta=a.beta,
                                           eps=a.eps, dpo_form=a.dpo_form, last_step=a.last_step,
                                           con_weight=a.con_weight, con_target=a.con_target, con_loss=a.con_loss,
-                                          checkpoint=a.gradient_checkpointing)
+                                          gradient_checkpointing=a.gradient_checkpointing)
         self.w_row = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, 1, self.device)
+        models = (self.tokenizer, self.text_encoder, self.vae, self.unet)
+        self.setup = m.PairSetup(models=models, schedule=self.schedule, latent_shape=self.latent_shape,
+                                 w_row=self.w_row, grid_size=len(self.objective.grid), seed=a.seed,
+                                 batch_size=a.batch_size, device=self.device, autocast=self.autocast)
+        self.pairs = m.OnlinePairs(PROMPTS, self.reward_fn, a.samples_per_prompt, a.reward_margin)
         self.images = batch_size * a.samples_per_prompt
 
     def loss_and_grads(self, index: int) -> torch.Tensor:
-        models = (self.tokenizer, self.text_encoder, self.vae, self.unet)
-        a = self.run_args
-        batch = self.module.online_pairs(models, self.reward_fn, self.schedule, PROMPTS, index, 0, 0, 1, self.latent_shape,
-                                         self.w_row, len(self.objective.grid), self.device, self.autocast, seed=a.seed,
-                                         batch_size=a.batch_size, samples_per_prompt=a.samples_per_prompt,
-                                         reward_margin=a.reward_margin)
+        batch = self.pairs.batch(self.setup, index, 0)
         with self.autocast:
             loss, _ = self.objective(batch, self.w_row.expand(len(batch.embeds), -1), self.run_args.last_step_multiplier)
         loss.backward()

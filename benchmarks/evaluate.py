@@ -4,9 +4,11 @@ Samples --samples-per-prompt images per prompt with the LCM chain of rocm_kl.py 
 every LoRA, so runs are compared on identical noise), scores them with each reward of
 --eval-rewards that loads, and, with --digits, with the digits world's evaluation-only judges
 (held-out classifier accuracy for the prompted digit, Frechet distance to real held-out digits).
-Writes JSON, a markdown table and an image grid.
+Writes JSON, a markdown table and an image grid, by default beside the evaluated run (RUN_DIR/eval/).
+A LoRA saved by a script carries its run's flags (args.json): its model, rewards, prompts and sampling
+settings are the defaults here, so `--lora DIR` alone evaluates it as it was trained.
 
-    python benchmarks/evaluate.py --lora runs/rocm_kl__0__1700000000/final --output eval/rocm_kl.json
+    python benchmarks/evaluate.py --lora runs/rocm_kl__0__1700000000/final   # every script prints this line
     python benchmarks/evaluate.py --model world/digits/lcm --digits --device cpu --mixed-precision no \
         --eval-rewards clipscore=world/digits/clip aesthetic=world/digits/aesthetic \
         --eval-prompts-file world/digits/prompts_eval.txt --resolution 32 --num-inference-steps 4
@@ -58,8 +60,9 @@ class Args:
     """torch device"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     """autocast dtype"""
-    output: str = "eval/results.json"
-    """JSON written here; the markdown table and the image grid go beside it (.md, .png)"""
+    output: Optional[str] = None
+    """JSON written here, the markdown table and the image grid beside it (.md, .png); unset: the LoRA's run
+    directory, eval/NAME.json (NAME: final or the checkpoint's), or eval/base.json without a LoRA"""
 
 
 def load_models(args: Args, device: torch.device, dtype: torch.dtype):
@@ -87,7 +90,7 @@ def load_models(args: Args, device: torch.device, dtype: torch.dtype):
 def sample(args: Args, models, prompts: list[str], device, autocast) -> torch.Tensor:
     tokenizer, text_encoder, vae, unet, scheduler = models
     schedule = rocm_kl.lcm_schedule(scheduler, args.num_inference_steps, device)
-    side = args.resolution // rocm_kl.vae_scale(vae)
+    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images = []
     for start in range(0, len(prompts), args.eval_batch_size):
@@ -110,9 +113,7 @@ def score(args: Args, images: torch.Tensor, prompts: list[str], device, dtype, a
         name = spec.partition("=")[0]
         try:
             reward = rocm_kl.load_reward_spec(spec, device, dtype)
-        except SystemExit as error:  # a missing package or missing weights skip the reward; an unknown name stops
-            if name not in REWARDS:
-                raise
+        except SystemExit as error:  # a missing package or missing weights skip the reward
             print(f"warning: skipping {name}: {str(error).removeprefix('error: ')}")
             continue
         values = []
@@ -140,7 +141,23 @@ def markdown_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cli() -> Args:
+    """The flags; a --lora saved by a script supplies its run's flags (args.json) as the defaults."""
+    argv = sys.argv[1:]
+    lora = [value for flag, value in zip(argv, argv[1:]) if flag == "--lora"]
+    saved = [Path(path, "args.json") for path in lora[-1:] if Path(path, "args.json").is_file()]
+    default = Args()
+    for path in saved:
+        flags = json.loads(path.read_text())
+        known = {name: flags[name] for name in asdict(default) if name in flags and name != "seed"}
+        default = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+    return tyro.cli(Args, default=default)
+
+
 def main(args: Args) -> dict[str, float]:
+    unknown = [spec for spec in args.eval_rewards if spec.partition("=")[0] not in REWARDS]
+    if unknown:
+        raise SystemExit(f"error: unknown reward '{unknown[0]}'; choose one of: {', '.join(REWARDS)}")
     if args.samples_per_prompt < 1:
         raise SystemExit(f"error: --samples-per-prompt must be >= 1 (got {args.samples_per_prompt})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -155,7 +172,9 @@ def main(args: Args) -> dict[str, float]:
     images = sample(args, models, prompts, device, autocast)
     results = score(args, images, prompts, device, dtype, autocast)
 
-    output = Path(args.output)
+    output = Path(args.output or "eval/base.json")
+    if args.lora and not args.output:
+        output = Path(args.lora).resolve().parent / "eval" / f"{Path(args.lora).resolve().name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"args": asdict(args), "results": results}, indent=2))
     output.with_suffix(".md").write_text(markdown_table([(args.lora or "base", results)]))
@@ -166,4 +185,4 @@ def main(args: Args) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli())

@@ -20,9 +20,10 @@ Each run is a subprocess of the script a user runs (one torch thread each, --job
 benchmarks/evaluate.py scores its final LoRA. Finished runs are reused, so a second call only
 redraws; --force retrains. Writes, under --out: table1.md, beta_sweep.md, beta_sweep.png,
 curves.png, grids.png, headline_hellinger.md and results.json (every number behind them); runs/ and
-evals/ hold the raw run directories and per-run evaluations. A call that runs some configurations
-replaces only their entries of results.json and keeps the others, so a partial rerun (say, the
-rocm_fdiv rows after a change to it) refreshes those rows of the tables and leaves the rest.
+evals/ hold the raw run directories and per-run evaluations. Only the full default call writes the
+committed benchmarks/results; any other call (fewer seeds, methods or experiments) writes
+benchmarks/results/partial unless --out says where. A call that runs some configurations replaces
+only their entries of its results.json and keeps the others.
 
     python benchmarks/experiments.py                               # everything (about 45 minutes, 2 cores)
     python benchmarks/experiments.py --experiments beta_sweep --seeds 0
@@ -39,7 +40,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import tyro
@@ -62,8 +63,10 @@ LABELS = {"aesthetic": "aesthetic (trained on)", "clipscore": "CLIP score (held 
 
 @dataclass
 class Args:
-    out: str = "benchmarks/results"
-    """results directory (tables, figures and results.json; raw runs in runs/ and evals/)"""
+    out: Optional[str] = None
+    """results directory (tables, figures, results.json; raw runs in runs/ and evals/); unset: benchmarks/results for
+    the full default call, benchmarks/results/partial for any other, so a partial rerun never replaces the committed
+    results (pass --out benchmarks/results to update them on purpose)"""
     world: str = "world/digits"
     """digits-world directory: lcm/, clip/, aesthetic/, prompts_train.txt, prompts_eval.txt"""
     experiments: tuple[Literal["table1", "beta_sweep", "headline"], ...] = ("table1", "beta_sweep")
@@ -521,9 +524,20 @@ def write_report(args: Args, results: dict, paths: dict[str, Path], curve_prompt
     return written
 
 
+def results_dir(args: Args) -> str:
+    """--out, or where this call's results go: only the full default call writes the committed results."""
+    if args.out is not None:
+        return args.out
+    if args == Args(jobs=args.jobs, force=args.force):
+        return "benchmarks/results"
+    return "benchmarks/results/partial"
+
+
 def main(args: Args) -> dict:
     if args.jobs < 1 or not args.seeds or args.train_steps < 1 or args.ppo_iterations < 1:
         raise SystemExit("error: --jobs, --train-steps and --ppo-iterations must be >= 1 and --seeds non-empty")
+    args.out = results_dir(args)
+    print(f"results go to {args.out}")
     paths = world_paths(args)
     runs = plan(args)  # checks the method names before anything runs
     out = Path(args.out)

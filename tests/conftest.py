@@ -1,6 +1,7 @@
 """Shared test fixtures: the tiny offline world (built once per session) and a script runner."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ def tiny(tmp_path_factory):
     from tests.tiny_world import build_tiny_world
 
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(autouse=True)
+def keep_the_ctrl_c_handler():
+    """A Run made in-process installs its own Ctrl-C handler; pytest's comes back after each test."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +74,26 @@ def run_dir_of(output: str) -> Path:
     """The run directory a script announces on stdout ("run directory: DIR")."""
     return Path(next(line.split(": ", 1)[1].split(" (")[0] for line in output.splitlines()
                      if line.startswith("run directory: ")))
+
+
+def lora_of(directory: Path) -> dict:
+    """The LoRA weights saved in directory (final/ or a checkpoint)."""
+    from safetensors.torch import load_file
+
+    return load_file(directory / "pytorch_lora_weights.safetensors")
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """A script that stopped on a mistake as it should: exit code != 0, no traceback, its last line on stderr
+    "error: ..."; returns that line."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    return last
+
+
+def main_before_models(module, monkeypatch, *argv: str) -> None:
+    """module's `python SCRIPT argv` in-process, as far as loading the LCM (which fails the test)."""
+    monkeypatch.setattr(module, "load_lcm", lambda *a: pytest.fail("the check came after the models loaded"))
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    module.main(module.cli(module.Args))

@@ -1,10 +1,12 @@
 """cm_dpo.py: the per-step log-ratio, DPO at the start and after a few steps, the seed form's sign, L_con,
-online pair selection, both pair modes end to end, bad pairs files."""
+online pair selection, both pair modes end to end, bad pairs files, the algorithm part copied out alone."""
 
-import contextlib
+import ast
 import dataclasses
 import json
 import math
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 import tyro
 
 import cm_dpo
-from tests.conftest import run_dir_of, tiny_args
+from tests.conftest import lora_of, run_dir_of, tiny_args
 
 PROMPTS = ["a cat", "a red apple on a table"]
 LATENT_SHAPE = (4, 16, 16)
@@ -21,7 +23,7 @@ LATENT_SHAPE = (4, 16, 16)
 
 @pytest.fixture(autouse=True)
 def one_thread_per_process(monkeypatch):
-    """The scripts run as subprocesses beside pytest on a shared machine: one BLAS thread each avoids oversubscription."""
+    """The scripts run as subprocesses beside pytest on a shared machine: one BLAS thread each, no oversubscription."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
@@ -31,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def lcm(tiny):
     """The tiny pipeline loaded through cm_dpo's own loader, with a LoRA attached."""
-    tokenizer, text_encoder, vae, unet, scheduler = cm_dpo.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
+    tokenizer, text_encoder, vae, unet, scheduler = cm_dpo.load_lcm(str(tiny["lcm"]), torch.device("cpu"),
+                                                                     torch.float32)
     lora_params = cm_dpo.add_lora(unet, rank=4, alpha=4)
     return tokenizer, text_encoder, vae, unet, scheduler, lora_params
 
@@ -50,7 +53,8 @@ def pairs_file(tmp_path_factory):
         smooth = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (32, 1)), np.full((32, 32), 60.0 * (i + 1))], -1)
         Image.fromarray(smooth.astype(np.uint8)).save(directory / "images" / f"winner_{i}.png")
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(directory / "images" / f"loser_{i}.png")
-        lines.append(json.dumps({"prompt": prompt, "winner": f"images/winner_{i}.png", "loser": f"images/loser_{i}.png"}))
+        record = {"prompt": prompt, "winner": f"images/winner_{i}.png", "loser": f"images/loser_{i}.png"}
+        lines.append(json.dumps(record))
     (directory / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return directory / "pairs.jsonl"
 
@@ -70,29 +74,32 @@ def make_args(**overrides):
     return cm_dpo.Args(**{**settings, **overrides})
 
 
-def offline_batch(lcm, args, pairs_file, step=1):
+def pair_setup(lcm, args, module=cm_dpo):
+    """The sampling setup of one CPU process, built from `module` (the script, or its algorithm part copied out)."""
     tokenizer, text_encoder, vae, unet, scheduler, _ = lcm
-    schedule = cm_dpo.lcm_schedule(scheduler, args.num_inference_steps, "cpu")
-    w_row = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 1, "cpu")
-    offline = cm_dpo.OfflinePairs(cm_dpo.read_pairs(pairs_file, args.resolution), resolution=args.resolution,
-                                  offline_chain=args.offline_chain, seed=args.seed, batch_size=args.batch_size)
-    batch = offline.batch((tokenizer, text_encoder, vae, unet), schedule, step, 0, 0, 1, LATENT_SHAPE, w_row, 50,
-                          torch.device("cpu"), contextlib.nullcontext())
-    return batch, schedule, w_row.expand(2 * args.batch_size, -1)
+    schedule = module.lcm_schedule(scheduler, args.num_inference_steps, "cpu")
+    w_row = module.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 1, "cpu")
+    return module.PairSetup(models=(tokenizer, text_encoder, vae, unet), schedule=schedule, latent_shape=LATENT_SHAPE,
+                            w_row=w_row, grid_size=50, seed=args.seed, batch_size=args.batch_size)
 
 
-def objective_of(lcm, args, schedule, ema=None):
-    return cm_dpo.CmDpoObjective(lcm[3], lcm[4], schedule, lcm[5], ema, beta=args.beta, eps=args.eps,
+def offline_batch(lcm, args, pairs_file, step=1):
+    setup = pair_setup(lcm, args)
+    offline = cm_dpo.OfflinePairs(cm_dpo.read_pairs(pairs_file), args.resolution, args.offline_chain)
+    batch = offline.batch(setup, step, 0)
+    return batch, setup.schedule, setup.w_row.expand(2 * args.batch_size, -1)
+
+
+def objective_of(lcm, args, schedule, ema=None, module=cm_dpo):
+    return module.CmDpoObjective(lcm[3], lcm[4], schedule, ema, beta=args.beta, eps=args.eps,
                                  dpo_form=args.dpo_form, last_step=args.last_step, con_weight=args.con_weight,
                                  con_target=args.con_target, con_loss=args.con_loss,
-                                 checkpoint=args.gradient_checkpointing)
+                                 gradient_checkpointing=args.gradient_checkpointing)
 
 
-def online_pairs(args, models, reward_fn, schedule):
-    return cm_dpo.online_pairs(models, reward_fn, schedule, PROMPTS, 1, 0, 0, 1, LATENT_SHAPE,
-                               cm_dpo.guidance_embedding(8.5, models[3].config.time_cond_proj_dim, 1, "cpu"), 50,
-                               torch.device("cpu"), contextlib.nullcontext(), seed=args.seed, batch_size=args.batch_size,
-                               samples_per_prompt=args.samples_per_prompt, reward_margin=args.reward_margin)
+def online_pairs(lcm, args, reward_fn):
+    pairs = cm_dpo.OnlinePairs(PROMPTS, reward_fn, args.samples_per_prompt, args.reward_margin)
+    return pairs.batch(pair_setup(lcm, args), 1, 0)
 
 
 def test_chain_matches_the_diffusers_pipeline(tiny, lcm):
@@ -119,9 +126,11 @@ def test_step_log_ratio_is_the_difference_of_normal_log_probs():
         weight = cm_dpo.step_weight(variance, eps=0.1)
         expected = (torch.distributions.Normal(mean_policy, std).log_prob(target)
                     - torch.distributions.Normal(mean_ref, std).log_prob(target)).flatten(1).sum(1)
-        assert torch.allclose(cm_dpo.step_log_ratio(target, mean_policy, mean_ref, weight), expected, rtol=1e-4, atol=1e-2)
+        log_ratio = cm_dpo.step_log_ratio(target, mean_policy, mean_ref, weight)
+        assert torch.allclose(log_ratio, expected, rtol=1e-4, atol=1e-2)
     # its expectation under the policy is the KL, the seed's per-step term
-    assert cm_dpo.step_divergence(mean_policy, mean_ref, 2.0).allclose((mean_policy - mean_ref).square().flatten(1).sum(1))
+    divergence = cm_dpo.step_divergence(mean_policy, mean_ref, 2.0)
+    assert divergence.allclose((mean_policy - mean_ref).square().flatten(1).sum(1))
 
 
 def test_log_ratios_are_means_over_latent_dimensions_and_the_kl_stays_exact(lcm, pairs_file):
@@ -235,7 +244,7 @@ def test_swapping_winner_and_loser_reverses_the_gradient(lcm, pairs_file, dpo_fo
 
 @pytest.mark.parametrize("con_loss", ["l2", "huber"])
 def test_con_loss_is_zero_when_the_model_equals_its_target(lcm, con_loss):
-    tokenizer, text_encoder, _, unet, scheduler, lora_params = lcm
+    tokenizer, text_encoder, _, unet, scheduler, _ = lcm
     embeds = cm_dpo.encode_prompts(tokenizer, text_encoder, PROMPTS)
     w_embedding = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 2, "cpu")
     step = cm_dpo.chain_step(scheduler, torch.tensor([259, 759]), None, "cpu")
@@ -244,13 +253,15 @@ def test_con_loss_is_zero_when_the_model_equals_its_target(lcm, con_loss):
     reference = objective_of(lcm, make_args(con_loss=con_loss, con_target="reference"), [])
     assert torch.equal(reference.consistency_gap(x, step, x, step, embeds, w_embedding), torch.zeros(2))
     set_lora(lcm, scale=0.05)  # the policy moved, its EMA equals it
-    ema = [p.detach().clone() for p in lora_params]
+    ema = {name: p.detach().clone() for name, p in unet.named_parameters() if p.requires_grad}
     averaged = objective_of(lcm, make_args(con_loss=con_loss, con_target="ema"), [], ema=ema)
     assert torch.equal(averaged.consistency_gap(x, step, x, step, embeds, w_embedding), torch.zeros(2))
     assert (reference.consistency_gap(x, step, x, step, embeds, w_embedding) > 0).all()
     # adjacent timesteps of the consistency grid: the loss measures an actual gap
     high = cm_dpo.chain_step(scheduler, torch.tensor([279, 779]), None, "cpu")
     assert (averaged.consistency_gap(x, high, x, step, embeds, w_embedding) > 0).all()
+    set_lora(lcm, scale=0.05, seed=1)  # the policy moves on and its EMA stays: the target is the EMA's output
+    assert (averaged.consistency_gap(x, step, x, step, embeds, w_embedding) > 0).all()
 
 
 def test_online_pairs_keep_the_sampled_chains_of_the_best_and_worst_sample(lcm):
@@ -263,7 +274,7 @@ def test_online_pairs_keep_the_sampled_chains_of_the_best_and_worst_sample(lcm):
     schedule = cm_dpo.lcm_schedule(scheduler, 4, "cpu")
     w_row = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 1, "cpu")
     args = make_args(pairs="online", samples_per_prompt=3)
-    batch = online_pairs(args, (tokenizer, text_encoder, vae, unet), brightness, schedule)
+    batch = online_pairs(lcm, args, brightness)
     grouped = batch.rewards.view(2, 3)
     with torch.no_grad():
         scores = brightness(cm_dpo.decode(vae, batch.states[-1]), None)
@@ -274,8 +285,7 @@ def test_online_pairs_keep_the_sampled_chains_of_the_best_and_worst_sample(lcm):
     with torch.no_grad():
         f_last = cm_dpo.consistency_fn(unet, batch.states[3], schedule[3], embeds, w_row.expand(4, -1))
     assert torch.allclose(f_last, batch.states[4], atol=1e-5)
-    strict = online_pairs(make_args(pairs="online", reward_margin=1.0), (tokenizer, text_encoder, vae, unet),
-                          brightness, schedule)
+    strict = online_pairs(lcm, make_args(pairs="online", reward_margin=1.0), brightness)
     assert torch.equal(strict.keep, torch.zeros(2))
 
 
@@ -341,6 +351,30 @@ def test_offline_pairs_end_to_end(tiny, run_script, pairs_file, flags):
     assert_loadable_lora_changes_the_pipeline(tiny, run_dir / "final")
 
 
+@pytest.mark.slow
+def test_resume_continues_the_ema_and_the_multiplier_exactly(tiny, run_script, pairs_file):
+    """cm_dpo's own state in a checkpoint, the EMA of L_con's target and the dual-ascent multiplier, continues: resumed
+    after step 2, a run ends with the weights and the multiplier of the same run uninterrupted."""
+    flags = ["--pairs", "offline", "--pairs-file", str(pairs_file), "--lr", "1e-2", "--eval-rewards", "--con-target",
+             "ema", "--ema-decay", "0.5", "--last-step", "constrain", "--dual-lr", "10", "--last-step-budget", "0"]
+    straight = run_script("cm_dpo.py", *tiny_args(tiny, steps=3), *flags)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_script("cm_dpo.py", *tiny_args(tiny, steps=2), *flags, "--save-every", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = run_dir_of(first.stdout)
+    resumed = run_script("cm_dpo.py", "--resume", str(run_dir), "--train-steps", "3")
+    assert resumed.returncode == 0 and "resumed at step 2" in resumed.stdout, resumed.stderr[-3000:]
+    expected = [m for m in metrics_of(run_dir_of(straight.stdout)) if "train/multiplier" in m]
+    continued = [m for m in metrics_of(run_dir) if "train/multiplier" in m]
+    assert [m["step"] for m in continued] == [1, 2, 3] and continued[-1]["train/multiplier"] > 1.0
+    assert continued[-1]["train/multiplier"] == expected[-1]["train/multiplier"]
+    assert_same_lora(lora_of(run_dir / "final"), lora_of(run_dir_of(straight.stdout) / "final"))
+
+
+def assert_same_lora(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_the_default_beta_depends_on_where_the_pairs_come_from():
     """Online pairs are sampled from the policy itself and differ ~100x less in log-ratio than offline pairs, so
     each mode gets the beta that keeps L_DPO informative there; an explicit --beta wins."""
@@ -403,7 +437,7 @@ def test_a_bad_pairs_file_line_is_a_one_line_error_naming_it(pairs_file, tmp_pat
     bad.write_text(pairs_file.read_text().splitlines()[0] + "\n" + line + "\n")
     (tmp_path / "images").symlink_to(pairs_file.parent / "images")
     with pytest.raises(SystemExit) as raised:
-        cm_dpo.read_pairs(bad, 32)
+        cm_dpo.read_pairs(bad)
     text = str(raised.value)
     assert text.startswith("error: ") and message in text and "\n" not in text, text
 
@@ -413,15 +447,20 @@ def test_the_script_reports_a_bad_pairs_file_in_one_line(tiny, run_script, pairs
     bad.write_text(f'{{"prompt": "a cat", "winner": "{pairs_file.parent}/images/winner_0.png", "loser": "gone.png"}}\n')
     result = run_script("cm_dpo.py", *tiny_args(tiny), "--pairs", "offline", "--pairs-file", str(bad))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"error: --pairs-file '{bad}' line 1: loser image '{tmp_path / 'gone.png'}' does not exist; "
-        "fix the path (relative paths start at the JSONL file's directory)"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No such file or directory" in lines[0], lines
+    assert lines[0].startswith(f"error: --pairs-file '{bad}' line 1: loser image '{tmp_path / 'gone.png'}' "
+                               "cannot be read ("), lines  # the path as resolved against the file's directory
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--beta", "0"], "--beta must be > 0"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
     (["--pairs", "offline"], "--pairs offline needs --pairs-file"),
+    (["--pairs-file", "pairs.jsonl"], "--pairs-file is read with --pairs offline"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--eps", "0"], "--eps must be > 0"),
+    (["--con-weight", "-1"], "--con-weight must be >= 0"),
     (["--num-inference-steps", "1", "--last-step", "drop"], "leaves no step to compare"),
     (["--reward", "pickscor"], "unknown reward 'pickscor'"),
 ])
@@ -434,8 +473,40 @@ def test_bad_flags_are_one_line_errors(tiny, flags, message, capsys):
     assert str(raised.value).startswith("error: ") and message in str(raised.value)
 
 
+def test_a_pairs_file_without_pairs_offline_is_refused_in_one_line(tiny, run_script, pairs_file, tmp_path):
+    """A pairs file would otherwise be ignored while the run trains on online pairs."""
+    result = run_script("cm_dpo.py", *tiny_args(tiny), "--pairs-file", str(pairs_file))
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: --pairs-file is read with --pairs offline; add it"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_algorithm_part_runs_copied_out_alone(lcm, pairs_file):
+    """Everything above main, executed alone (no infrastructure below it), draws the same offline pairs and computes
+    the same loss as the script: the part a reader copies out needs nothing from below main."""
+    text = Path(cm_dpo.__file__).read_text()
+    main = next(node for node in ast.parse(text).body if getattr(node, "name", None) == "main")
+    part = {"__name__": "cm_dpo_algorithm", "__file__": cm_dpo.__file__}
+    exec(compile("".join(text.splitlines(keepends=True)[:main.lineno - 1]), "cm_dpo_algorithm", "exec"), part)
+    assert "Run" not in part and "read_pairs" not in part and "derived_seed" in part
+    set_lora(lcm, scale=0.02)
+    args = make_args(offline_chain="renoise", con_weight=1.0)
+    records = cm_dpo.read_pairs(pairs_file)
+    results = []
+    for module in (cm_dpo, types.SimpleNamespace(**part)):
+        setup = pair_setup(lcm, args, module)
+        batch = module.OfflinePairs(records, args.resolution, args.offline_chain).batch(setup, 1, 0)
+        objective = objective_of(lcm, args, setup.schedule, module=module)
+        with torch.no_grad():
+            loss, _ = objective(batch, setup.w_row.expand(len(batch.embeds), -1), 1.0)
+        results.append((batch, loss))
+    (batch, loss), (copied_batch, copied_loss) = results
+    assert all(torch.equal(a, b) for a, b in zip(batch.states, copied_batch.states))
+    assert torch.equal(batch.con_noise, copied_batch.con_noise) and torch.equal(loss, copied_loss)
+
+
 def write_bad_image(path, kind):
-    """An image file that must not reach training: empty, not an image, truncated, or far from the resolution."""
+    """An image file that must not reach training: empty, not an image, or truncated."""
     from PIL import Image
 
     if kind == "0-byte file":
@@ -445,48 +516,29 @@ def write_bad_image(path, kind):
     elif kind == "truncated PNG":  # the header (and size) are intact: only decoding finds it
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
         path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-    else:
-        width, height = {"1x1": (1, 1), "1x300000": (1, 300_000), "aspect 6": (32, 192)}[kind]
-        Image.new("RGB", (width, height)).save(path)
 
 
-BAD_IMAGES = {"0-byte file": "is empty (0 bytes)", "non-image file": "cannot be read as an image",
-              "truncated PNG": "cannot be read as an image", "1x1": "is 1x1 pixels, too far from the training resolution",
-              "1x300000": "is 1x300000 pixels, too far", "aspect 6": "is 32x192 pixels, too far"}
-
-
-@pytest.mark.parametrize("kind", BAD_IMAGES)
-def test_every_pair_image_is_decoded_and_sized_before_training(pairs_file, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["0-byte file", "non-image file", "truncated PNG", "missing file"])
+def test_every_pair_image_is_decoded_before_training(pairs_file, tmp_path, kind):
     lines = pairs_file.read_text().splitlines()
     bad_image = tmp_path / "bad.png"
     write_bad_image(bad_image, kind)
     (tmp_path / "images").symlink_to(pairs_file.parent / "images")
     bad = tmp_path / "pairs.jsonl"  # the bad image on the last line, as the loser
-    bad.write_text("\n".join([*lines, *lines, json.dumps({"prompt": "a cat", "winner": str(pairs_file.parent / "images"
-                                                                                          / "winner_0.png"),
-                                                          "loser": "bad.png"})]) + "\n")
+    winner = str(pairs_file.parent / "images" / "winner_0.png")
+    bad.write_text("\n".join([*lines, *lines, json.dumps({"prompt": "a cat", "winner": winner, "loser": "bad.png"})]))
     with pytest.raises(SystemExit) as raised:
-        cm_dpo.read_pairs(bad, 32)
+        cm_dpo.read_pairs(bad)
     text = str(raised.value)
-    assert text.startswith(f"error: --pairs-file '{bad}' line 5: loser image '{bad_image}' {BAD_IMAGES[kind]}"), text
+    assert text.startswith(f"error: --pairs-file '{bad}' line 5: loser image '{bad_image}' cannot be read ("), text
     assert "\n" not in text
-    if "too far" in text:
-        assert "aspect ratio above 4" in text and "shorter side below 4 = resolution / 8" in text
 
 
-def test_pair_images_with_more_pixels_than_the_decoding_limit_are_refused_from_the_header(pairs_file, monkeypatch):
-    from PIL import Image
-
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 - 1)  # the 32x32 winners now exceed it
-    with pytest.raises(SystemExit, match=r"line 1: winner image .* is too large to decode \(Image size \(1024 pixels\)"):
-        cm_dpo.read_pairs(pairs_file, 32)
-
-
-def test_a_binary_pairs_file_is_one_line(tmp_path):
-    binary = tmp_path / "pairs.jsonl"
-    binary.write_bytes(b"\xff\xd8\xff\xe0 a JPEG, not JSONL")
-    with pytest.raises(SystemExit, match=f"^error: --pairs-file '{binary}' is not UTF-8 text \\(byte 0 is 0xff\\)"):
-        cm_dpo.read_pairs(binary, 32)
+def test_a_missing_or_empty_pairs_file_is_one_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    for name in ("gone.jsonl", "empty.jsonl"):
+        with pytest.raises(SystemExit, match=f"^error: --pairs-file '{tmp_path / name}' is missing or empty; [^\n]*$"):
+            cm_dpo.read_pairs(tmp_path / name)
 
 
 def test_an_empty_image_on_the_last_line_stops_the_script_before_any_model_loads(tiny, run_script, pairs_file,
@@ -495,10 +547,12 @@ def test_an_empty_image_on_the_last_line_stops_the_script_before_any_model_loads
     (tmp_path / "images").symlink_to(pairs_file.parent / "images")
     bad = tmp_path / "pairs.jsonl"
     winner = pairs_file.parent / "images" / "winner_0.png"
-    bad.write_text(pairs_file.read_text() + json.dumps({"prompt": "a cat", "winner": str(winner), "loser": "empty.png"}))
+    record = {"prompt": "a cat", "winner": str(winner), "loser": "empty.png"}
+    bad.write_text(pairs_file.read_text() + json.dumps(record))
     result = run_script("cm_dpo.py", *tiny_args(tiny), "--pairs", "offline", "--pairs-file", str(bad))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"error: --pairs-file '{bad}' line 3: loser image '{tmp_path / 'empty.png'}' is empty (0 bytes); "
-        "fix or remove the line"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: --pairs-file '{bad}' line 3: loser image '{tmp_path / 'empty.png'}' "
+                               "cannot be read (cannot identify image file"), lines
     assert result.stdout == "" and not (tmp_path / "runs").exists()  # nothing loaded, no run directory

@@ -40,6 +40,15 @@ def test_base_and_lora_are_scored_on_the_same_noise(tiny, tmp_path, run_script):
     assert table[0] == "| model | clipscore | aesthetic |" and len(table) == 3
     assert lora_json.with_suffix(".png").is_file()
 
+    # the run's own flags (final/args.json) are the defaults: --lora alone evaluates as trained, beside the run
+    final = run_dir_of(trained.stdout) / "final"
+    bare = subprocess.run([sys.executable, str(REPO / "benchmarks" / "evaluate.py"), "--lora", str(final),
+                           "--eval-rewards", f"aesthetic={tiny['aesthetic']}", "--samples-per-prompt", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    beside = json.loads((final.parent / "eval" / "final.json").read_text())["results"]
+    assert beside["aesthetic"] == results["lora"]["aesthetic"]
+
 
 def test_a_directory_without_a_lora_is_a_one_line_error(tiny, tmp_path):
     result, _ = evaluate(tiny, tmp_path, "bad", "--lora", str(tmp_path))

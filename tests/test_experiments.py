@@ -155,7 +155,7 @@ def test_a_partial_rerun_replaces_its_rows_and_keeps_the_others_from_results_jso
 
 
 def test_headline_runs_hellinger_at_the_headline_betas_against_none_and_reports_train_kl():
-    args = experiments.Args(experiments=("headline",), seeds=(0,))
+    args = experiments.Args(experiments=("headline",), seeds=(0,), out="benchmarks/results")
     runs = experiments.plan(args)
     assert [(run.method, run.flags[:4]) for run in runs] == [
         ("rocm-none", ["--divergence", "none", "--beta", "0"]),
@@ -175,3 +175,12 @@ def test_headline_runs_hellinger_at_the_headline_betas_against_none_and_reports_
     rows = {line.split(" |")[0]: line for line in report.splitlines() if line.startswith("| rocm-")}
     assert rows["| rocm-hellinger-beta=0.064 (n=2)"].startswith("| rocm-hellinger-beta=0.064 (n=2) | 0.064 | 2 ± 1.4 | 1 ± 0.71 |")
     assert "python rocm_fdiv.py --model world/digits/lcm" in report and "--divergence hellinger --beta 0.001" in report
+
+
+def test_only_the_full_default_call_writes_the_committed_results():
+    Args = experiments.Args
+    assert experiments.results_dir(Args()) == "benchmarks/results"
+    assert experiments.results_dir(Args(jobs=1, force=True)) == "benchmarks/results"
+    assert experiments.results_dir(Args(seeds=(0,))) == "benchmarks/results/partial"
+    assert experiments.results_dir(Args(experiments=("beta_sweep",))) == "benchmarks/results/partial"
+    assert experiments.results_dir(Args(seeds=(0,), out="somewhere")) == "somewhere"

@@ -1,6 +1,7 @@
 """The four scripts' form, read from their source: the algorithm first (docstring, Args, the algorithm, main, then
 the marked infrastructure), main a loop of a screen or two, every flag explained in --help, the algorithm's pieces
-taking plain arguments, and the pieces the scripts share kept as byte-identical copies."""
+taking plain arguments and copyable on their own, the pieces the scripts share kept as byte-identical copies, and
+the line budgets of the lean form."""
 
 import ast
 
@@ -8,6 +9,11 @@ import pytest
 
 from tests.conftest import REPO
 
+# lines from the top to the end of main (the algorithm a reader copies), and between main and the shared block
+ALGORITHM_BUDGET = {"rocm_kl": 330, "rocm_fdiv": 375, "rlcm_ppo": 500, "cm_dpo": 540}
+OWN_INFRASTRUCTURE_BUDGET = 50
+SHARED_BUDGET_LINES = 300
+SHARED_BUDGET_BYTES = 19_000
 LOSS_FUNCTION = {"rocm_kl": "rocm_loss", "rocm_fdiv": "rocm_loss", "rlcm_ppo": "ppo_clipped_loss",
                  "cm_dpo": "dpo_loss"}
 SCRIPTS = tuple(LOSS_FUNCTION)
@@ -79,3 +85,41 @@ def test_shared_pieces_are_byte_identical_copies():
     drifted = sorted(name for name in shared if len({definitions[script][name] for script in SCRIPTS}) > 1)
     assert not drifted, f"defined in all four scripts but not identical: {drifted}"
     assert len(set(texts.values())) == 1, "the shared infrastructure block differs between the scripts"
+
+
+def shared_block(script: str) -> str:
+    text, _ = source(script)
+    return text[text.rindex("\n# ---", 0, text.index(SHARED_BANNER)) + 1:]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_algorithm_part_copies_out_alone(script):
+    """Nothing defined above main uses a name defined below it: the part a reader copies runs on its own."""
+    _, tree = source(script)
+    definitions = top_level_definitions(tree)
+    main = definitions["main"]
+    below = {name for name, node in definitions.items() if node.lineno > main.end_lineno}
+    below |= {target.id for node in tree.body if isinstance(node, ast.Assign) and node.lineno > main.end_lineno
+              for target in node.targets if isinstance(target, ast.Name)}
+    uses = {name: {node.id for node in ast.walk(definition) if isinstance(node, ast.Name)} & below
+            for name, definition in definitions.items() if definition.lineno < main.lineno}
+    assert not {name: used for name, used in uses.items() if used}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_line_budgets_of_the_lean_form(script):
+    text, tree = source(script)
+    main = top_level_definitions(tree)["main"]
+    shared = shared_block(script)
+    own = len(text.splitlines()) - len(shared.splitlines()) - main.end_lineno
+    assert main.end_lineno <= ALGORITHM_BUDGET[script], f"algorithm part {main.end_lineno} lines"
+    assert own <= OWN_INFRASTRUCTURE_BUDGET, f"own infrastructure {own} lines"
+    assert max(len(line) for line in text.splitlines()) <= 120
+
+
+@pytest.mark.xfail(strict=True, reason="the shared block is about 440 lines / 27 kB: its 300-line, 19,000-byte "
+                   "budget is not met yet (strict: this marker must go once it is)")
+def test_the_shared_block_is_within_its_budget():
+    shared = shared_block("rocm_kl")
+    assert len(shared.splitlines()) <= SHARED_BUDGET_LINES, f"shared block {len(shared.splitlines())} lines"
+    assert len(shared.encode()) <= SHARED_BUDGET_BYTES, f"shared block {len(shared.encode())} bytes"

@@ -1,9 +1,11 @@
-"""rlcm_ppo.py: log-probs, the first ratio, the clipped objective, per-prompt normalization, end-to-end runs."""
+"""rlcm_ppo.py: log-probs, the first ratio, the update's minibatch plan, gradient checkpointing, the clipped
+objective, per-prompt normalization, end-to-end runs, bad input."""
 
 import json
 
 import pytest
 import torch
+import tyro
 
 import rlcm_ppo
 from tests.conftest import run_dir_of, tiny_args
@@ -13,7 +15,8 @@ PROMPTS = ["a cat", "a red apple on a table"]
 
 @pytest.fixture(scope="module")
 def lcm(tiny):
-    tokenizer, text_encoder, vae, unet, scheduler = rlcm_ppo.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
+    models = rlcm_ppo.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
+    tokenizer, text_encoder, vae, unet, scheduler = models
     rlcm_ppo.add_lora(unet, rank=4, alpha=4)
     with torch.no_grad():  # a policy away from the base, so nothing is trivially zero
         generator = torch.Generator().manual_seed(0)
@@ -27,7 +30,8 @@ def lcm(tiny):
 def rollout_of(lcm, reduction="mean", num_steps=4, batch=2, seed=3):
     tokenizer, text_encoder, vae, unet, scheduler = lcm
     schedule = rlcm_ppo.lcm_schedule(scheduler, num_steps, "cpu")
-    latents, noises = rlcm_ppo.draw_chain_noise((batch, 4, 16, 16), num_steps, torch.Generator().manual_seed(seed), "cpu")
+    generator = torch.Generator().manual_seed(seed)
+    latents, noises = rlcm_ppo.draw_chain_noise((batch, 4, 16, 16), num_steps, generator, "cpu")
     embeds = rlcm_ppo.encode_prompts(tokenizer, text_encoder, PROMPTS[:batch])
     w = rlcm_ppo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, batch, "cpu")
     rollout = rlcm_ppo.sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, w, PROMPTS[:batch],
@@ -58,37 +62,51 @@ def test_importance_ratio_is_exactly_one_on_the_first_minibatch(lcm):
     samples, steps = rlcm_ppo.ppo_minibatches(2, len(schedule) - 1, 3, shuffle)[0]
     w = rlcm_ppo.guidance_embedding(8.5, lcm[3].config.time_cond_proj_dim, 3, "cpu")
     loss, stats = objective(rollout, samples, steps, w)
-    assert torch.equal(stats["ratio"], torch.ones(3))
+    assert stats["ratio_deviation"] == 0  # max |r - 1|: every ratio is exactly 1
     assert stats["approx_kl"] == 0 and stats["clip_fraction"] == 0
     loss.backward()  # at ratio 1 nothing is clipped: the policy gradient flows
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lcm[3].parameters() if p.requires_grad)
     lcm[3].zero_grad(set_to_none=True)
 
 
-def test_ppo_update_skips_non_finite_steps_and_steps_once_per_epoch_with_grad_accum_0(lcm):
-    rollout, schedule, w = rollout_of(lcm)  # 2 samples x 3 stochastic steps: 3 minibatches of 2 pairs
+def test_minibatch_plan_covers_every_pair_once_and_groups_grad_accum_minibatches_per_step():
+    minibatches = rlcm_ppo.ppo_minibatches(2, 3, 2, torch.Generator().manual_seed(0))  # 6 pairs, minibatches of 2
+    pairs = sorted((int(n), int(k)) for samples, steps in minibatches for n, k in zip(samples, steps))
+    assert len(minibatches) == 3 and pairs == [(n, k) for n in range(2) for k in range(3)]
+    assert [len(group) for group in rlcm_ppo.accumulation_groups(minibatches, 2)] == [2, 1]  # a shorter last group
+    assert [len(group) for group in rlcm_ppo.accumulation_groups(minibatches, 0)] == [3]  # 0: one step per epoch
+    assert rlcm_ppo.accumulation_groups(minibatches, 1) == [[minibatch] for minibatch in minibatches]
+
+
+def test_gradient_checkpointing_gives_the_same_gradient_and_stores_fewer_activations(lcm):
+    """The policy's UNet call in PpoObjective is recomputed in the backward pass: the forward keeps a small
+    fraction of the tensors autograd would otherwise store, and the LoRA gradient is the same."""
+    rollout, schedule, _ = rollout_of(lcm)
+    rollout.advantages = torch.tensor([1.0, -1.0])
     unet = lcm[3]
-    params = [p for p in unet.parameters() if p.requires_grad]
-    objective = rlcm_ppo.PpoObjective(unet, lcm[4], schedule, clip_range=1e-4, reduction="mean")
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    before = [p.detach().clone() for p in params]
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    samples, steps = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1])
+    w = rlcm_ppo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 3, "cpu")
+    losses, gradients, stored = [], [], []
+    for gradient_checkpointing in (False, True):
+        objective = rlcm_ppo.PpoObjective(unet, lcm[4], schedule, clip_range=1e-4, reduction="mean",
+                                          gradient_checkpointing=gradient_checkpointing)
+        saved = []
 
-    def update(advantages, grad_accum):
-        rollout.advantages, steps, step = torch.tensor(advantages), [], rlcm_ppo.clip_and_step(optimizer, params, 1.0)
-        stats = rlcm_ppo.ppo_update(objective, rollout, w, epochs=2, train_batch_size=2, grad_accum=grad_accum, seed=0,
-                                    iteration=1, optimizer_step=lambda finite: steps.append(finite) or step(finite))
-        return stats, steps
+        def keep(tensor):  # autograd's hook for every tensor it stores for the backward pass
+            saved.append(tensor.numel())
+            return tensor
 
-    stats, steps = update([float("nan"), float("nan")], 2)
-    assert steps == [False] * 4  # groups of 2 and 1 minibatches, 2 epochs: every step skipped, and reported
-    assert len(stats["loss"]) == 6 and stats["grad_norm"] == []
-    assert all(torch.equal(p, b) for p, b in zip(params, before)) and all(p.grad is None for p in params)
-    stats, steps = update([1.0, -1.0], 0)
-    assert steps == [True, True] and len(stats["grad_norm"]) == 2
-    assert any(not torch.equal(p, b) for p, b in zip(params, before))
-    with torch.no_grad():  # the module's policy is shared with the other tests
-        for p, b in zip(params, before):
-            p.copy_(b)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss, _ = objective(rollout, samples, steps, w)
+        losses.append(loss)
+        gradients.append(torch.autograd.grad(loss, lora))
+        stored.append(sum(saved))
+    assert torch.equal(losses[0], losses[1])
+    assert any(g.abs().sum() > 0 for g in gradients[0])
+    for plain, recomputed in zip(*gradients):
+        assert torch.allclose(plain, recomputed, rtol=1e-5, atol=1e-8)
+    assert stored[1] < stored[0] / 10, stored  # the UNet's activations are not kept
 
 
 @pytest.mark.parametrize("advantage,log_ratio,clipped", [
@@ -117,7 +135,8 @@ def test_per_prompt_normalizer_gives_standard_advantages_once_the_minimum_count_
     assert tracker.last_per_prompt_fraction == 0  # 3 < 4 rewards per prompt: the batch's own mean and std
     assert abs(first.mean().item()) < 1e-5
     prompts = ["a"] * 5 + ["b"] * 5
-    rewards = torch.randn(10, generator=generator) * torch.tensor([1.0] * 5 + [3.0] * 5) + torch.tensor([0.0] * 5 + [10.0] * 5)
+    scales, means = torch.tensor([1.0] * 5 + [3.0] * 5), torch.tensor([0.0] * 5 + [10.0] * 5)
+    rewards = torch.randn(10, generator=generator) * scales + means
     tracker.update(prompts, rewards)  # buffers now hold 8 rewards each
     assert tracker.last_per_prompt_fraction == 1
     advantages = tracker.update(["a"] * 8 + ["b"] * 8, torch.cat([rewards[:5], rewards[:3], rewards[5:], rewards[5:8]]))
@@ -144,7 +163,8 @@ def test_end_to_end_run_saves_a_loadable_lora(tiny, run_script, reward):
     assert [m["step"] for m in train] == [1, 2]
     for name in ("train/approx_kl", "train/clip_fraction", "train/reward_std", "perf/samples_per_s"):
         assert all(name in m for m in train)
-    assert all(m["train/optimizer_steps"] == 4 for m in train)  # 12 (sample, step) pairs / 3 / 2 accumulated, x 2 epochs
+    # 12 (sample, step) pairs / 3 per minibatch / 2 accumulated, x 2 epochs
+    assert all(m["train/optimizer_steps"] == 4 for m in train)
     assert [m["step"] for m in metrics if "eval/clipscore" in m] == [0, 1, 2]
 
     pipe = LatentConsistencyModelPipeline.from_pretrained(tiny["lcm"])
@@ -177,7 +197,7 @@ def test_rlcm_training_semantics_take_one_step_per_iteration_at_ratio_one(tiny, 
     assert all(m["train/ratio_max_deviation"] < 1e-5 for m in train), [m["train/ratio_max_deviation"] for m in train]
     assert [m["train/lr"] for m in train] == pytest.approx([1e-2 * (1 - 0.333 * i / 2) for i in (1, 2)])
 
-    _, stepping = train_metrics(*RLCM_TRAINING[:2], "--grad-accum", "1")
+    _, stepping = train_metrics(*RLCM_TRAINING[:2], "--grad-accum", "1", "--no-gradient-checkpointing")
     assert [m["train/optimizer_steps"] for m in stepping] == [3, 3]
     assert max(m["train/clip_fraction"] for m in stepping) > 0
     assert max(m["train/ratio_max_deviation"] for m in stepping) > 1e-4
@@ -195,7 +215,8 @@ def test_lr_factor_follows_rlcms_linear_decay():
     (["--grad-accum", "-1"], "--grad-accum must be >= 0"),
     (["--lr-end-factor", "2"], "--lr-end-factor must be in [0, 1]"),
     (["--num-inference-steps", "1"], "--num-inference-steps must be >= 2"),
-    (["--train-batch-size", "5"], "--train-batch-size (5) must divide"),
+    (["--train-batch-size", "5"], "--train-batch-size (5) must divide the 24 (sample, step) pairs per iteration, "
+                                  "--batch-size x --sample-batches x (K-1) = 2 x 4 x 3"),
     (["--reward", "jpeg"], "unknown reward 'jpeg'"),
     (["--stat-min-count", "64"], "--stat-min-count (64) must be <= --stat-buffer-size (32)"),
 ])
@@ -205,3 +226,27 @@ def test_bad_input_is_a_one_line_error(tiny, run_script, flags, message):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-inference-steps", "1"], "--num-inference-steps must be >= 2 (got 1; the K-1 stochastic steps are "
+                                     "PPO's actions)"),
+    (["--sample-batches", "0"], "--sample-batches must be >= 1 (got 0)"),
+    (["--train-batch-size", "0"], "--train-batch-size must be >= 1 (got 0)"),
+    (["--grad-accum", "-1"], "--grad-accum must be >= 0 (got -1; 0: one optimizer step per epoch)"),
+    (["--ppo-epochs", "0"], "--ppo-epochs must be >= 1 (got 0)"),
+    (["--clip-range", "0"], "--clip-range must be > 0 (got 0.0)"),
+    (["--adv-clip", "-1"], "--adv-clip must be > 0 (got -1.0)"),
+    (["--stat-buffer-size", "0", "--stat-min-count", "0"], "--stat-buffer-size must be >= 1 (got 0)"),
+    (["--stat-min-count", "0"], "--stat-min-count must be >= 1 (got 0)"),
+    (["--lr-end-factor", "-0.5"], "--lr-end-factor must be in [0, 1] (got -0.5)"),
+])
+def test_own_flags_out_of_range_are_refused_before_anything_loads(flags, message):
+    args = tyro.cli(rlcm_ppo.Args, args=["--device", "cpu", *flags])
+    with pytest.raises(SystemExit) as refused:
+        rlcm_ppo.validate(args)
+    assert str(refused.value) == f"error: {message}"
+
+
+def test_grad_accum_0_and_the_defaults_pass_validation():
+    rlcm_ppo.validate(tyro.cli(rlcm_ppo.Args, args=["--device", "cpu", "--grad-accum", "0"]))

@@ -67,10 +67,10 @@ def tiny_main_args(tiny, tmp_path: Path, **overrides) -> rocm_fdiv.Args:
     return rocm_fdiv.Args(**{**settings, **overrides})
 
 
-def test_the_issue_command_line_parses():
+def test_the_readme_command_line_parses_and_the_default_beta_is_its_scale():
     args = tyro.cli(rocm_fdiv.Args, args=["--divergence", "hellinger", "--beta", "1e-3"])
     assert (args.divergence, args.beta, args.reduction, args.js_estimator) == ("hellinger", 1e-3, "per_dim", "quadrature")
-    assert rocm_fdiv.Args().beta == rocm_kl.Args().beta  # one beta scale: the default kl run is rocm_kl.py's
+    assert rocm_fdiv.Args().beta == 1e-3 and rocm_kl.Args().beta == 1e-4  # the paper's: Hellinger's, the KL's
 
 
 @pytest.mark.slow
@@ -175,8 +175,8 @@ def train_in_process(tiny, lcm):
     @functools.cache
     def train(divergence, estimator, beta):
         restore()
-        objective = rocm_fdiv.RocmObjective(tokenizer, text_encoder, vae, unet, reward_fn, schedule,
-                                            divergence=divergence, js_estimator=estimator, beta=beta, checkpoint=False)
+        objective = rocm_fdiv.RocmObjective((tokenizer, text_encoder, vae, unet), reward_fn, schedule, beta,
+                                            gradient_checkpointing=False, divergence=divergence, js_estimator=estimator)
         optimizer = torch.optim.AdamW(lora, lr=1e-2)
         for step in range(10):
             latents, noises = rocm_fdiv.draw_chain_noise((2, 4, 16, 16), 4, torch.Generator().manual_seed(step), "cpu")
@@ -252,6 +252,21 @@ def test_unknown_divergence_is_a_one_line_error(tiny, run_script):
     assert last_line.startswith("error: unknown divergence 'hellinga'"), result.stderr[-2000:]
     assert all(name in last_line for name in DIVERGENCES)
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("divergence", ["kl", "hellinger"])
+def test_one_step_chain_has_no_divergence_so_beta_is_refused(lcm, divergence):
+    """K = 1 has no stochastic step: the divergence is identically 0, also away from the base, so a beta > 0 would
+    silently do nothing; it is refused, and beta 0 is allowed."""
+    set_lora_b(lcm[3], 0.05)
+    with torch.no_grad():
+        _, value, kl = rocm_fdiv.sample_chain(lcm[3], *chain_inputs(lcm, num_steps=1), divergence)
+    assert torch.equal(value, torch.zeros(2)) and torch.equal(kl, torch.zeros(2))
+    args = rocm_fdiv.Args(divergence=divergence, num_inference_steps=1, device="cpu")
+    with pytest.raises(SystemExit, match="^error: --num-inference-steps 1 has no stochastic step, so the divergence is "
+                                         "0 and --beta has no effect; use --num-inference-steps >= 2 or --beta 0$"):
+        rocm_fdiv.validate(args)
+    rocm_fdiv.validate(rocm_fdiv.Args(divergence=divergence, num_inference_steps=1, beta=0.0, device="cpu"))
 
 
 def test_js_estimator_needs_the_js_divergence():

@@ -1,4 +1,4 @@
-"""Flags every script shares: impossible values stop with one line naming the flag, before training."""
+"""Flags every script shares: impossible values stop with one line naming the flag, before anything loads."""
 
 import importlib
 import itertools
@@ -11,33 +11,44 @@ import pytest
 import torch
 import tyro
 
-from tests.conftest import REPO, tiny_args
+from tests.conftest import REPO, main_before_models, tiny_args
 
 SCRIPTS = ["rocm_kl", "rocm_fdiv", "rlcm_ppo", "cm_dpo"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("flags,message", [
-    (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0 (got -1.0)"),
     (["--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--log-every", "0"], "--log-every must be > 0"),
     (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
-    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--checkpoint-limit", "0"], "--checkpoint-limit must be > 0"),
+    (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be > 0 (got 0)"),  # before, step 1 stopped the run
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0 (got -0.1)"),
     (["--eval-every", "-1"], "--eval-every must be >= 0"),
     (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--device", "foo"], "--device must be cuda or cpu (got foo)"),  # before, a traceback
+    (["--exp-name", "../x"], "--exp-name '../x' must be a plain name"),  # before, written outside --output-dir
+    (["--exp-name", "/tmp/x"], "--exp-name '/tmp/x' must be a plain name"),
+    (["--exp-name", ".."], "--exp-name '..' must be a plain name"),
 ])
 def test_impossible_shared_flags_are_one_line_errors(script, flags, message):
     module = importlib.import_module(script)
-    with pytest.raises(SystemExit, match=f"^error: {message}"):
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}"):
         module.validate(tyro.cli(module.Args, args=["--device", "cpu", *flags]))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_more_steps_than_the_lcm_was_distilled_on_is_a_one_line_error(tiny, script, one_torch_thread):
+@pytest.mark.parametrize("script,flags,message", [
+    *[(script, ["--num-inference-steps", "51"], "--num-inference-steps must be <= 50, the steps this LCM was "
+       "distilled on (got 51)") for script in SCRIPTS],
+    ("rocm_kl", ["--resolution", "30"], "--resolution must be a multiple of 4 for this model (got 30)"),
+])
+def test_flags_the_loaded_lcm_cannot_take_are_one_line_errors(tiny, script, flags, message, tmp_path,
+                                                              one_torch_thread):
     module = importlib.import_module(script)
     args = tyro.cli(module.Args, args=[*tiny_args(tiny), "--eval-rewards", "--device", "cpu", "--mixed-precision", "no",
-                                       "--num-inference-steps", "51"])
-    with pytest.raises(SystemExit, match=r"^error: --num-inference-steps must be <= 50, the steps this LCM was distilled on"):
+                                       "--output-dir", str(tmp_path / "runs"), *flags])
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}$"):
         module.main(args)
 
 
@@ -47,36 +58,49 @@ def test_cm_dpo_rejects_a_negative_last_step_budget():
         cm_dpo.validate(tyro.cli(cm_dpo.Args, args=["--device", "cpu", "--last-step-budget", "-1"]))
 
 
-def assert_one_line_error(result, flag):
-    """Exit code != 0, and stderr is one line, "error: ...", naming the flag; no traceback."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], result.stderr[-2000:]
-    return lines[0]
+def bad_input(script: str, case: str, tmp_path) -> tuple[list[str], str]:
+    """(flags, the error line's message) of a mistake researchers make."""
+    beta = "--clip-range" if script == "rlcm_ppo" else "--beta"  # rlcm_ppo has no beta; another float flag
+    return {
+        "lr nan": (["--lr", "nan"], "--lr must be a finite number (got nan)"),
+        "beta inf": ([beta, "inf"], f"{beta} must be a finite number (got inf)"),
+        "seed -1": (["--seed", "-1"], "--seed must be in [0, 2**32) (got -1)"),
+        "guidance below 1": (["--guidance-scale", "0.5"], "--guidance-scale must be >= 1 (got 0.5): w = scale - 1"),
+        "missing model directory": (["--model", str(tmp_path / "no_such_lcm")],
+                                    f"--model '{tmp_path / 'no_such_lcm'}' is not a directory; pass a pipeline "
+                                    "directory or a hub id (org/name)"),
+        "missing reward directory": (["--reward", "aesthetic=./no_such_clip"],
+                                     "the reward directory './no_such_clip' does not exist; fix NAME=DIR or pass "
+                                     "NAME alone"),
+        "missing eval reward directory": (["--eval-rewards", "clipscore", f"pickscore={tmp_path}/a/b"],
+                                          f"the reward directory '{tmp_path}/a/b' does not exist"),
+        "unknown reward": (["--reward", "pickscor"], "unknown reward 'pickscor'; choose one of: pickscore,"),
+        "unknown eval reward": (["--eval-rewards", "clipscore", "hps"], "unknown reward 'hps'; choose one of: "),
+        "missing resume directory": (["--resume", str(tmp_path / "no_such_run")],
+                                     f"--resume '{tmp_path / 'no_such_run'}' is not a directory"),
+    }[case]
+
+
+CASES = ["lr nan", "beta inf", "seed -1", "guidance below 1", "missing model directory", "missing reward directory",
+         "missing eval reward directory", "unknown reward", "unknown eval reward", "missing resume directory"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("case", ["lr nan", "beta inf", "seed -1", "guidance below 1", "missing model directory",
-                                  "missing reward directory", "missing eval reward directory", "binary prompts file"])
-def test_bad_input_stops_with_one_early_line(script, case, run_script, tmp_path):
-    binary = tmp_path / "prompts.bin"
-    binary.write_bytes(bytes(range(256)) * 4)
-    beta = "--clip-range" if script == "rlcm_ppo" else "--beta"  # rlcm_ppo has no beta; another float flag
-    flags, flag, message = {
-        "lr nan": (["--lr", "nan"], "--lr", "--lr must be a finite number (got nan)"),
-        "beta inf": ([beta, "inf"], beta, f"{beta} must be a finite number (got inf)"),
-        "seed -1": (["--seed", "-1"], "--seed", "--seed must be in [0, 2**32) (got -1)"),
-        "guidance below 1": (["--guidance-scale", "0.5"], "--guidance-scale", "w = guidance_scale - 1"),
-        "missing model directory": (["--model", str(tmp_path / "no_such_lcm")], "--model",
-                                    f"--model directory '{tmp_path / 'no_such_lcm'}' does not exist"),
-        "missing reward directory": (["--reward", "aesthetic=./no_such_clip"], "--reward",
-                                     "--reward directory './no_such_clip' does not exist"),
-        "missing eval reward directory": (["--eval-rewards", "clipscore", f"pickscore={tmp_path}/a/b"],
-                                          "--eval-rewards", f"--eval-rewards directory '{tmp_path}/a/b' does not exist"),
-        "binary prompts file": (["--prompts-file", str(binary)], "--prompts-file", "is not UTF-8 text"),
-    }[case]
-    line = assert_one_line_error(run_script(f"{script}.py", *flags), flag)
-    assert message in line and "Repo id" not in line
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_stops_before_the_models_load(script, case, tmp_path, monkeypatch):
+    module = importlib.import_module(script)
+    flags, message = bad_input(script, case, tmp_path)
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}"):
+        main_before_models(module, monkeypatch, "--device", "cpu", "--output-dir", str(tmp_path / "runs"), *flags)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_is_one_line_on_stderr(run_script, tmp_path):
+    """As a user sees it: exit code 1, the one line, no traceback (SystemExit in-process above, the script here)."""
+    for case in ("lr nan", "missing model directory"):
+        flags, message = bad_input("rocm_kl", case, tmp_path)
+        result = run_script("rocm_kl.py", *flags)
+        assert result.returncode == 1 and result.stderr.strip() == f"error: {message}", result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -101,44 +125,12 @@ def test_seeds_outside_0_to_2_32_are_refused_and_org_name_stays_a_hub_id(script)
                                                 "--model", "someone/some-lcm", "--reward", "aesthetic=someone/clip"]))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00", b"a cat\x00\x00\x00\n"])
-def test_a_binary_eval_prompts_file_is_one_line_naming_its_flag(script, content, tmp_path):
-    module = importlib.import_module(script)
-    binary = tmp_path / "eval.bin"
-    binary.write_bytes(content)
-    args = tyro.cli(module.Args, args=["--device", "cpu", "--eval-prompts-file", str(binary)])
-    with pytest.raises(SystemExit, match=f"^error: --eval-prompts-file '{binary}' is (not UTF-8 text|a binary file)"):
-        module.main(args)
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_prompts_cut_at_the_token_limit_give_one_warning(tiny, script, one_torch_thread, tmp_path, capsys):
-    module = importlib.import_module(script)
-    long_prompt = "a very long prompt about " + "many red apples and " * 6
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"a cat\n{long_prompt}1\n{long_prompt}2\n{long_prompt}1\n")
-    args = tyro.cli(module.Args, args=[*tiny_args(tiny, steps=1), "--eval-rewards", "--device", "cpu",
-                                       "--mixed-precision", "no", "--prompts-file", str(prompts), "--eval-prompts-file",
-                                       str(prompts), "--output-dir", str(tmp_path / "runs"), "--batch-size", "1",
-                                       "--sample-batches" if script == "rlcm_ppo" else "--grad-accum", "1",
-                                       *(["--train-batch-size", "3"] if script == "rlcm_ppo" else [])])
-    module.main(args)
-    output = capsys.readouterr()
-    warnings = [line for line in (output.out + output.err).splitlines() if "longer than the text encoder" in line]
-    assert warnings == [f"warning: 2 of 3 prompts are longer than the text encoder's limit of 77 tokens and are cut "
-                        f"to it, e.g. '{long_prompt[:50]}...'; shorten them"]
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_an_evaluation_reward_that_cannot_load_is_skipped_but_an_unknown_one_stops(script, capsys):
-    """Missing weights (or a missing package) cost the run one evaluation column, with a warning; a misspelt
-    name is a one-line error, not a silently missing column."""
-    module = importlib.import_module(script)
-    assert module.load_eval_rewards(["aesthetic=/nonexistent/weights"], torch.float32) == {}
-    assert "warning: skipping evaluation reward: could not load reward 'aesthetic'" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="^error: unknown reward 'pickscor'"):
-        module.load_eval_rewards(["pickscor"], torch.float32)
+def test_an_evaluation_reward_that_cannot_load_is_a_one_line_error():
+    """Before, it was skipped with a warning, and the run's evaluations silently lacked its column."""
+    rocm_kl = importlib.import_module("rocm_kl")
+    with pytest.raises(SystemExit, match=r"^error: could not load the reward 'aesthetic=/nonexistent/weights' \(.*"
+                                         r"\); fix"):
+        rocm_kl.load_eval_rewards(["aesthetic=/nonexistent/weights"], torch.float32)
 
 
 def test_the_readmes_cpu_command_of_every_script_parses_and_validates():
@@ -154,16 +146,10 @@ def test_the_readmes_cpu_command_of_every_script_parses_and_validates():
         module.validate(tyro.cli(module.Args, args=flags))
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_reward_names_are_checked_before_any_model_loads(script, monkeypatch):
-    """A misspelt reward, or (ROCM) one without a gradient, stops in a line before the LCM loads, not minutes later."""
+@pytest.mark.parametrize("script", ["rocm_kl", "rocm_fdiv"])
+def test_rocm_refuses_a_reward_without_a_gradient_before_any_model_loads(script, tmp_path, monkeypatch):
     module = importlib.import_module(script)
-    monkeypatch.setattr(module, "load_lcm", lambda *a: pytest.fail("the check came after the models loaded"))
-    cases = [(["--reward", "pickscor"], "unknown reward 'pickscor' in --reward; choose one of: pickscore,"),
-             (["--eval-rewards", "clipscore", "hps"], "unknown reward 'hps' in --eval-rewards")]
-    if script.startswith("rocm"):
-        cases.append((["--reward", "jpeg_compressibility"], "reward 'jpeg_compressibility' has no gradient; ROCM needs "
-                      "a differentiable reward (pickscore, hpsv2, clipscore, aesthetic) or use rlcm_ppo.py"))
-    for flags, message in cases:
-        with pytest.raises(SystemExit, match=f"^error: {re.escape(message)}"):
-            module.main(tyro.cli(module.Args, args=["--device", "cpu", *flags]))
+    with pytest.raises(SystemExit, match="^error: reward 'jpeg_compressibility' has no gradient; ROCM needs a "
+                                         r"differentiable reward \(.*\) or use rlcm_ppo.py$"):
+        main_before_models(module, monkeypatch, "--device", "cpu", "--output-dir", str(tmp_path),
+                           "--reward", "jpeg_compressibility")
