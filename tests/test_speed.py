@@ -84,7 +84,7 @@ def test_compile_gives_the_eager_loss_and_gradients_and_a_lora_without_orig_mod(
     bench.step()  # an optimizer step through the compiled blocks
     assert [name for name, p in bench.unet.named_parameters() if p.requires_grad] == names
 
-    bench.module.save_lora(bench.unet, tmp_path / "lora")
+    bench.module.save_lora(bench.unet, tmp_path / "lora", bench.run_args)
     keys = saved_lora_keys(tmp_path / "lora")
     assert keys and not any("_orig_mod" in key for key in keys)
     pipe = LatentConsistencyModelPipeline.from_pretrained(tiny["lcm"])
