@@ -1,6 +1,7 @@
 """common.py: divergence closed forms against Monte Carlo, their limits, and the reward loaders."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -34,7 +35,8 @@ def monte_carlo(name: str, mean_p: torch.Tensor, mean_q: torch.Tensor, std: floa
         score_gap = torch.autograd.grad((p.log_prob(x) - q.log_prob(x)).sum(), x)[0]
         return score_gap.square().sum(-1).mean()
     if name == "tv":
-        return 0.5 * (1 - torch.exp(log_q - log_p)).abs().mean()
+        # E_p[(1 - q/p)+] is TV and bounded, unlike 0.5 E_p|1 - q/p| whose ratio is heavy-tailed
+        return (1 - torch.exp(log_q - log_p)).clamp(min=0).mean()
     if name == "chi2":
         return torch.exp(log_p - log_q).mean() - 1
     raise AssertionError(name)
@@ -43,7 +45,8 @@ def monte_carlo(name: str, mean_p: torch.Tensor, mean_q: torch.Tensor, std: floa
 @pytest.mark.parametrize("name", CLOSED_FORMS)
 @pytest.mark.parametrize("dims,std", [(1, 0.5), (3, 1.3), (8, 0.8)])
 def test_joint_matches_monte_carlo(name, dims, std):
-    generator = torch.Generator().manual_seed(hash((name, dims)) % 2**31)
+    # a fixed seed per case: hash() of a str changes with every interpreter (PYTHONHASHSEED)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{name}-{dims}".encode()))
     mean_p = torch.randn(dims, generator=generator, dtype=torch.float64) * std * 0.4
     mean_q = torch.randn(dims, generator=generator, dtype=torch.float64) * std * 0.4
     closed = gaussian_divergence(name, mean_p[None], mean_q[None], std, reduction="joint")[0]
