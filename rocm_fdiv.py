@@ -79,7 +79,11 @@ class Args:
 
     # general
     model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    """hub id or local directory of an SD1.5 or SDXL pipeline: an LCM, or a base with --unet or --lcm-lora"""
+    unet: Optional[str] = None
+    """hub id or directory of a UNet-only LCM that replaces the pipeline's (e.g. latent-consistency/lcm-sdxl)"""
+    lcm_lora: Optional[str] = None
+    """hub id or directory of an LCM-LoRA, fused into the base first (e.g. latent-consistency/lcm-lora-sdv1-5)"""
     resolution: int = 512
     """image side in pixels (the paper trains at 512)"""
     gradient_checkpointing: bool = True
@@ -126,15 +130,11 @@ class Args:
 # ALGORITHM: the LCM sampling chain (identical in all four scripts)
 # --------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
-
-
 def guidance_embedding(guidance_scale: float, dim: int, batch_size: int, device) -> torch.Tensor:
-    """Embedding of w = guidance_scale - 1, the LCM's guidance input, as LatentConsistencyModelPipeline computes it."""
+    """Embedding of w = guidance_scale - 1, the LCM's guidance input, as LatentConsistencyModelPipeline computes it.
+    A UNet without that input (dim None, e.g. an LCM-LoRA base) gets an empty one: its guidance is classifier-free."""
+    if dim is None:
+        return torch.zeros(batch_size, 0, device=device)
     half = dim // 2
     frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
     angles = torch.full((batch_size, 1), guidance_scale - 1.0) * 1000.0 * frequencies[None, :]
@@ -207,8 +207,10 @@ def derived_seed(*keys: int) -> int:
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], as the pipeline's postprocessing does."""
-    return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
+    """Latents -> images in [0, 1], as the pipeline's postprocessing does; a VAE kept in fp32 (SDXL's under fp16)
+    decodes in fp32 under autocast too."""
+    with torch.autocast(latents.device.type, enabled=False) if vae.dtype == torch.float32 else contextlib.nullcontext():
+        return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class RocmObjective(torch.nn.Module):
                  gradient_checkpointing: bool = True, checkpoint_decode: bool = False, divergence: str = "kl",
                  reduction: str = "per_dim", js_estimator: str = "quadrature"):
         super().__init__()
-        self.tokenizer, self.text_encoder, self.vae, self.unet = models  # load_lcm's, without the scheduler
+        self.encode, self.vae, self.unet = models  # load_lcm's, without the scheduler
         self.reward_fn = reward_fn
         self.schedule = schedule
         self.beta = beta
@@ -279,7 +281,7 @@ class RocmObjective(torch.nn.Module):
 
     def forward(self, prompts: list[str], latents, noises, w_embedding, generators=None):
         """Returns (loss, per-sample rewards, per-sample divergence, per-sample KL); generators: js_generators'."""
-        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts)
+        embeds = self.encode(prompts)
         final, divergence, kl = sample_chain(self.unet, latents, noises, self.schedule, embeds, w_embedding,
                                              self.divergence, self.reduction, self.js_estimator, generators,
                                              self.reference_grad, self.gradient_checkpointing)
@@ -318,14 +320,13 @@ def main(args: Args) -> None:
     device = run.device
 
     # ---- models: the LCM with a LoRA (the policy; the base is the same UNet with the LoRA off), the rewards
-    tokenizer, text_encoder, vae, unet, scheduler = load_lcm(args.model, device, run.dtype)
-    latent_shape = check_model(args, vae, unet, scheduler)
+    encode, vae, unet, scheduler, latent_shape = load_lcm(args, device, run.dtype)
     reward_fn = load_reward_spec(args.reward, device, run.dtype)
     eval_rewards = load_eval_rewards(args.eval_rewards, run.dtype) if run.is_main else {}
     lora_params = add_lora(unet, args.lora_rank, args.lora_alpha)
     optimizer = torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     schedule = lcm_schedule(scheduler, args.num_inference_steps, device)
-    objective = RocmObjective((tokenizer, text_encoder, vae, unet), reward_fn, schedule, args.beta, args.reference_grad,
+    objective = RocmObjective((encode, vae, unet), reward_fn, schedule, args.beta, args.reference_grad,
                               args.gradient_checkpointing, args.checkpoint_decode, args.divergence, args.reduction,
                               args.js_estimator)
     w_embedding = guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, args.batch_size, device)
@@ -335,7 +336,7 @@ def main(args: Args) -> None:
 
     def evaluate_now(step: int) -> None:  # the policy's samples (its chain, no gradients) on the held-out prompts
         run.evaluate(step, lambda x, noises, embeds, w: sample_chain(unet, x, noises, schedule, embeds, w)[0],
-                     (tokenizer, text_encoder, vae, unet), eval_prompts, eval_rewards, latent_shape, len(schedule))
+                     (encode, vae, unet), eval_prompts, eval_rewards, latent_shape, len(schedule))
 
     if args.divergence == "chi2":  # chi2 = exp(d2) - 1 overflows float32 once d2 passes 88
         run.nonfinite_fix += ", or a bounded --divergence (chi2 overflows far from the base)"
@@ -377,8 +378,8 @@ def main(args: Args) -> None:
 # --------------------------------------------------------------------------------------------
 
 # the flags --resume must find unchanged (global_batch = --batch-size x ranks fixes the samples); the rest may change
-RUN_FLAGS = ("model", "reward", "resolution", "num_inference_steps", "guidance_scale", "lora_rank", "lora_alpha",
-             "seed", "global_batch", "grad_accum", "divergence", "reduction")
+RUN_FLAGS = ("model", "unet", "lcm_lora", "reward", "resolution", "num_inference_steps", "guidance_scale",
+             "lora_rank", "lora_alpha", "seed", "global_batch", "grad_accum", "divergence", "reduction")
 OOM_FIX = ("lower --batch-size (raise --grad-accum to keep the effective batch), keep --gradient-checkpointing, add "
            "--checkpoint-decode, or lower --resolution")
 
@@ -549,7 +550,7 @@ class Run:
         """Sample the held-out prompts with fixed noise (sample: the script's chain to the final latents), score
         them with every evaluation reward, log the means, save the grid."""
         if self.is_main:
-            tokenizer, text_encoder, vae, unet = models
+            encode, vae, unet = models
             unet.eval()
             generator = torch.Generator(self.device).manual_seed(self.args.seed + 1_000_003)
             images = []
@@ -562,7 +563,7 @@ class Run:
                 w = guidance_embedding(self.args.guidance_scale, unet.config.time_cond_proj_dim, len(batch),
                                        self.device)
                 with self.autocast:
-                    embeds = encode_prompts(tokenizer, text_encoder, batch)
+                    embeds = encode(batch)
                     batch_images = decode(vae, sample(latents, noises, embeds, w))
                     for name, reward in rewards.items():
                         scores[f"eval/{name}"].append(reward(batch_images, batch).float().cpu())
@@ -640,7 +641,7 @@ def resume_state(args, record: dict) -> dict:
     state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
     if state["script"] != Path(__file__).name:
         raise SystemExit(f"error: '{checkpoint}' was written by {state['script']}; resume it with {state['script']}")
-    for flag in [flag for flag in RUN_FLAGS if state["args"][flag] != record[flag]][:1]:
+    for flag in [flag for flag in RUN_FLAGS if state["args"].get(flag) != record[flag]][:1]:
         name = {"global_batch": "--batch-size x ranks", "world_size": "ranks"}.get(flag, "--" + flag.replace("_", "-"))
         raise SystemExit(f"error: '{checkpoint}' was trained with {name} {state['args'][flag]}, this run has "
                          f"{record[flag]}; resume with the same value or start a new run")
@@ -701,48 +702,114 @@ def save_checkpoint(run_dir: Path, unet, args, state: dict) -> None:
 
 def write_model_card(directory: Path, args, scores: dict, prompt: str) -> None:
     table = "".join(f"| {name} | {value:.4f} |\n" for name, value in scores.items())
+    unet = f"unet = UNet2DConditionModel.from_pretrained({json.dumps(args.unet)})\n" if args.unet else ""
+    lcm_lora = (f"pipe.load_lora_weights({json.dumps(args.lcm_lora)}, adapter_name='lcm')\npipe.fuse_lora()\n"
+                "pipe.unload_lora_weights()  # the LCM-LoRA stays fused in\n") if args.lcm_lora else ""
     (directory / "README.md").write_text(
         f"---\nbase_model: {args.model}\nlibrary_name: diffusers\ntags: [lora, latent-consistency-model]\n---\n\n"
         f"# {directory.parent.name}\n\nA LoRA for `{args.model}`, trained by `{Path(__file__).name}` "
         f"({__doc__.splitlines()[0]}); every flag is in `args.json`.\n\n"
         f"| held-out reward | mean |\n|---|---|\n{table}\n```python\n"
-        "from diffusers import LatentConsistencyModelPipeline\n\n"
-        f"pipe = LatentConsistencyModelPipeline.from_pretrained({json.dumps(args.model)})\n"
+        f"from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel\n\n{unet}"
+        f"pipe = DiffusionPipeline.from_pretrained({json.dumps(args.model)}{', unet=unet' if unet else ''})\n"
+        f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n{lcm_lora}"
         f"pipe.load_lora_weights({json.dumps(str(directory))})\n"
-        f"image = pipe({json.dumps(prompt)}, num_inference_steps={args.num_inference_steps}, "
-        f"guidance_scale={args.guidance_scale}).images[0]\n```\n")
+        f"image = pipe({json.dumps(prompt)}, num_inference_steps={args.num_inference_steps}, guidance_scale="
+        f"{args.guidance_scale}, height={args.resolution}, width={args.resolution}).images[0]\n```\n")
 
 
-def load_lcm(model: str, device: torch.device, weight_dtype: torch.dtype):
-    """Tokenizer, text encoder, VAE, UNet and scheduler of an LCM pipeline, frozen, in weight_dtype."""
-    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_lcm(args, device: torch.device, weight_dtype: torch.dtype):
+    """encode(prompts), VAE, UNet, LCMScheduler and latent shape (C, H, W) of an SD1.5 or SDXL pipeline (read from its
+    files), frozen, in weight_dtype; --unet replaces its UNet, --lcm-lora is fused into it as its model card does."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, LCMScheduler, UNet2DConditionModel, loaders
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=weight_dtype)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=weight_dtype)
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=weight_dtype)
-        scheduler = LCMScheduler.from_pretrained(model, subfolder="scheduler")
+        layout = DiffusionPipeline.load_config(args.model)  # model_index.json
+        sdxl = "text_encoder_2" in layout
+        names = ["", "_2"] if sdxl else [""]
+        tokenizers = [CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer" + n) for n in names]
+        text_encoders = [model.from_pretrained(args.model, subfolder="text_encoder" + n, torch_dtype=weight_dtype)
+                         for model, n in zip([CLIPTextModel, CLIPTextModelWithProjection], names)]
+        vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", torch_dtype=weight_dtype)
+        if sdxl and vae.config.force_upcast and weight_dtype == torch.float16:  # as SDXL's pipeline upcasts it
+            vae.float()
+        unet_path, unet_folder = (args.unet, None) if args.unet else (args.model, "unet")
+        unet = UNet2DConditionModel.from_pretrained(unet_path, subfolder=unet_folder, torch_dtype=weight_dtype)
+        scheduler = LCMScheduler.from_pretrained(args.model, subfolder="scheduler")  # any base's, as LCMScheduler
+        if args.lcm_lora:
+            loader = loaders.StableDiffusionXLLoraLoaderMixin if sdxl else loaders.StableDiffusionLoraLoaderMixin
+            state, alphas, metadata = loader.lora_state_dict(args.lcm_lora, return_lora_metadata=True)
+            loader.load_lora_into_unet(state, alphas, unet, adapter_name="lcm", metadata=metadata)
+            unet.fuse_lora()
+            unet.unload_lora()  # its weights stay fused; the policy's LoRA is then the only adapter
     except Exception as error:  # hub and file errors come in many types; all mean the same here
-        raise SystemExit(f"error: could not load the LCM pipeline '{model}' ({first_line(error)}); pass a local "
-                         "pipeline directory or a cached hub id (offline: set HF_HUB_OFFLINE=1)")
-    if unet.config.addition_embed_type == "text_time" or unet.config.time_cond_proj_dim is None:
-        raise SystemExit(f"error: '{model}' is not an SD1.5-style LCM (a UNet with time_cond_proj_dim); pass one")
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False).to(device)
-    return tokenizer, text_encoder.eval(), vae.eval(), unet, scheduler
+        given = {"--model": args.model, "--unet": args.unet, "--lcm-lora": args.lcm_lora}
+        names = ", ".join(f"{flag} '{value}'" for flag, value in given.items() if value)
+        raise SystemExit(f"error: could not load {names} ({first_line(error)}); pass local directories or cached "
+                         "hub ids (offline: set HF_HUB_OFFLINE=1)")
+    for module in (*text_encoders, vae, unet):
+        module.requires_grad_(False).to(device).eval()
+    w_conditioned = unet.config.time_cond_proj_dim is not None
+    if not (w_conditioned or args.lcm_lora):
+        print("warning: this UNet takes no guidance input, so it may not be a consistency model; pass an LCM with "
+              "--model or --unet, or fuse one in with --lcm-lora")
 
+    @torch.no_grad()
+    def encode(prompts: list[str]) -> torch.Tensor:
+        """The pipeline's prompt embeddings; SDXL's: both encoders' penultimate states, then the pooled embedding
+        as one more token, so that the algorithms' batch operations carry it too (unet_inputs takes it out)."""
+        outputs = []
+        for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+            tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                               return_tensors="pt")
+            outputs.append(text_encoder(tokens.input_ids.to(device), output_hidden_states=sdxl))
+        if not sdxl:
+            return outputs[0][0]
+        states = torch.cat([output.hidden_states[-2] for output in outputs], -1)
+        pooled = outputs[1].text_embeds
+        pooled = torch.nn.functional.pad(pooled, (0, states.shape[-1] - pooled.shape[-1]))
+        return torch.cat([states, pooled[:, None].to(states.dtype)], 1)
 
-def check_model(args, vae, unet, scheduler) -> tuple:
-    """The flags' checks that need the loaded LCM; returns the latent shape (C, H, W)."""
+    negative = None
+    if not w_conditioned and args.guidance_scale > 1:  # classifier-free guidance, the pipelines' rule
+        negative = encode([""])  # the unconditional input: the empty prompt, or zeros where SDXL's config says so
+        if sdxl and layout.get("force_zeros_for_empty_prompt", True):
+            negative = torch.zeros_like(negative)
+
+    def unet_inputs(unet, inputs: tuple, kwargs: dict):
+        """What the SDXL and classifier-free pipelines add to the chain's UNet call: the unconditional half of the
+        batch first, no w embedding (guidance_embedding's is empty here), SDXL's pooled embedding and size ids."""
+        x, t = inputs
+        embeds = kwargs["encoder_hidden_states"]
+        if negative is not None:
+            x = torch.cat([x, x])
+            t = torch.cat([t, t]) if t.ndim else t
+            embeds = torch.cat([negative.to(embeds.dtype).expand_as(embeds), embeds])
+        if sdxl:  # size ids: original size, crop corner, target size
+            sizes = torch.tensor([args.resolution] * 2 + [0, 0] + [args.resolution] * 2, dtype=embeds.dtype)
+            pooled = embeds[:, -1, :text_encoders[1].config.projection_dim]
+            kwargs["added_cond_kwargs"] = dict(text_embeds=pooled, time_ids=sizes.to(x.device).expand(len(x), 6))
+            embeds = embeds[:, :-1]
+        timestep_cond = kwargs["timestep_cond"] if w_conditioned else None
+        return (x, t), {**kwargs, "encoder_hidden_states": embeds, "timestep_cond": timestep_cond}
+
+    def guide(unet, inputs: tuple, output) -> None:
+        """Classifier-free guidance, eps_u + s (eps_c - eps_u), as the pipelines combine the two halves."""
+        unconditional, conditional = output.sample.chunk(2)
+        output.sample = unconditional + args.guidance_scale * (conditional - unconditional)
+
+    if sdxl or not w_conditioned:
+        unet.register_forward_pre_hook(unet_inputs, with_kwargs=True)
+    if negative is not None:
+        unet.register_forward_hook(guide)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    factor = vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor:
-        raise SystemExit(f"error: --resolution must be a multiple of {factor} for this model (got {args.resolution})")
+    if args.resolution % vae_scale:
+        raise SystemExit(f"error: --resolution must be a multiple of {vae_scale} (got {args.resolution})")
     if args.num_inference_steps > scheduler.config.original_inference_steps:
         raise SystemExit(f"error: --num-inference-steps must be <= {scheduler.config.original_inference_steps}, the "
                          f"steps this LCM was distilled on (got {args.num_inference_steps})")
-    return unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale
+    latent_shape = (unet.config.in_channels, args.resolution // vae_scale, args.resolution // vae_scale)
+    return encode, vae, unet, scheduler, latent_shape
 
 
 def add_lora(unet, rank: int, alpha: int) -> list[torch.nn.Parameter]:
@@ -831,7 +898,6 @@ def validate_shared(args, problems: list) -> None:
         (missing_local_directory(args.model), f"--model '{args.model}' is not a directory; pass a pipeline "
                                               "directory or a hub id (org/name)"),
         (missing, f"the reward directory '{missing}' does not exist; fix NAME=DIR or pass NAME alone"),
-        (args.resume and not Path(args.resume).is_dir(), f"--resume '{args.resume}' is not a directory"),
         (Path(args.exp_name).name != args.exp_name or args.exp_name in ("", ".", ".."),
          f"--exp-name '{args.exp_name}' must be a plain name (a directory in --output-dir)"),
         *problems]

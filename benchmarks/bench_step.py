@@ -111,7 +111,7 @@ class Bench:
         self.device = device = torch.device(args.device)
         dtype = weight_dtype(args)
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")
-        self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = module.load_lcm(run_args.model, device, dtype)
+        self.encode, self.vae, self.unet, self.scheduler, self.latent_shape = module.load_lcm(run_args, device, dtype)
         torch.manual_seed(run_args.seed)
         self.lora_params = module.add_lora(self.unet, run_args.lora_rank, run_args.lora_alpha)
         generator = torch.Generator().manual_seed(run_args.seed)
@@ -123,8 +123,6 @@ class Bench:
         self.schedule = module.lcm_schedule(self.scheduler, run_args.num_inference_steps, device)
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=run_args.lr, weight_decay=run_args.weight_decay,
                                            fused=device.type == "cuda")
-        side = run_args.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_shape = (self.unet.config.in_channels, side, side)
         self.images = batch_size
         self.iteration: Optional[Callable[[int], None]] = None
         self.steps = itertools.count(1)
@@ -158,7 +156,7 @@ class RocmBench(Bench):
     def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int, divergence: str = ""):
         super().__init__(script, args, models, batch_size, **({"divergence": divergence} if divergence else {}))
         m, a = self.module, self.run_args
-        models = ((self.tokenizer, self.text_encoder, self.vae, self.unet), self.reward_fn, self.schedule)
+        models = ((self.encode, self.vae, self.unet), self.reward_fn, self.schedule)
         # plain arguments, as the scripts' main() passes them; rocm_fdiv adds its divergence's knobs
         fdiv = dict(divergence=a.divergence, reduction=a.reduction, js_estimator=a.js_estimator) \
             if script == "rocm_fdiv" else {}
@@ -206,7 +204,7 @@ class PpoBench(Bench):
             prompts, latents, noises = m.micro_batch(a.seed, PROMPTS, index, batch_index, a.batch_size, 0, 1,
                                                      self.latent_shape, len(self.schedule), self.device)
             with torch.no_grad(), self.autocast:
-                embeds = m.encode_prompts(self.tokenizer, self.text_encoder, prompts)
+                embeds = self.encode(prompts)
                 rollout = m.sample_with_logprobs(self.unet, self.scheduler, latents, noises, self.schedule, embeds,
                                                  self.sample_w, prompts, a.logprob_reduction)
                 rollout.rewards = self.reward_fn(m.decode(self.vae, rollout.final_latents), prompts).float()
@@ -250,7 +248,7 @@ class DpoBench(Bench):
                                           con_weight=a.con_weight, con_target=a.con_target, con_loss=a.con_loss,
                                           gradient_checkpointing=a.gradient_checkpointing)
         self.w_row = m.guidance_embedding(a.guidance_scale, self.unet.config.time_cond_proj_dim, 1, self.device)
-        models = (self.tokenizer, self.text_encoder, self.vae, self.unet)
+        models = (self.encode, self.vae, self.unet)
         self.setup = m.PairSetup(models=models, schedule=self.schedule, latent_shape=self.latent_shape,
                                  w_row=self.w_row, grid_size=len(self.objective.grid), seed=a.seed,
                                  batch_size=a.batch_size, device=self.device, autocast=self.autocast)

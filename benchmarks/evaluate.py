@@ -35,7 +35,11 @@ from common import REWARDS  # noqa: E402
 @dataclass
 class Args:
     model: str = "SimianLuo/LCM_Dreamshaper_v7"
-    """hub id or local directory of a LatentConsistencyModelPipeline"""
+    """hub id or local directory of an SD1.5 or SDXL pipeline: an LCM, or a base with --unet or --lcm-lora"""
+    unet: Optional[str] = None
+    """hub id or directory of a UNet-only LCM that replaces the pipeline's (e.g. latent-consistency/lcm-sdxl)"""
+    lcm_lora: Optional[str] = None
+    """hub id or directory of an LCM-LoRA, fused into the base first (e.g. latent-consistency/lcm-lora-sdv1-5)"""
     lora: Optional[str] = None
     """a LoRA directory saved by any script (run_dir/final or a checkpoint); none scores the base model"""
     eval_rewards: tuple[str, ...] = ("pickscore", "hpsv2", "clipscore", "aesthetic", "imagereward")
@@ -66,7 +70,7 @@ class Args:
 
 
 def load_models(args: Args, device: torch.device, dtype: torch.dtype):
-    tokenizer, text_encoder, vae, unet, scheduler = rocm_kl.load_lcm(args.model, device, dtype)
+    encode, vae, unet, scheduler, latent_shape = rocm_kl.load_lcm(args, device, dtype)
     if args.lora:
         if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
             raise SystemExit(f"error: no LoRA in '{args.lora}'; pass a directory holding pytorch_lora_weights.safetensors")
@@ -77,28 +81,25 @@ def load_models(args: Args, device: torch.device, dtype: torch.dtype):
         # SigLIP's image processor, text-encoder LoRA keys): noise beside the scores
         transformers_logging.set_verbosity_error()
         diffusers_logging.set_verbosity_error()
-        from diffusers import LatentConsistencyModelPipeline
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin as loader
 
-        pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                              requires_safety_checker=False)
-        pipe.load_lora_weights(args.lora)  # exactly how a user of the saved LoRA loads it
-    return tokenizer, text_encoder, vae, unet, scheduler
+        # the two halves of a pipeline's load_lora_weights, exactly how a user of the saved LoRA loads it
+        state, alphas, metadata = loader.lora_state_dict(args.lora, return_lora_metadata=True)
+        loader.load_lora_into_unet(state, alphas, unet, metadata=metadata)
+    return encode, vae, unet, scheduler, latent_shape
 
 
 @torch.no_grad()
 def sample(args: Args, models, prompts: list[str], device, autocast) -> torch.Tensor:
-    tokenizer, text_encoder, vae, unet, scheduler = models
+    encode, vae, unet, scheduler, latent_shape = models
     schedule = rocm_kl.lcm_schedule(scheduler, args.num_inference_steps, device)
-    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images = []
     for start in range(0, len(prompts), args.eval_batch_size):
         batch = prompts[start:start + args.eval_batch_size]
-        latents, noises = rocm_kl.draw_chain_noise((len(batch), unet.config.in_channels, side, side), len(schedule),
-                                                   generator, device)
+        latents, noises = rocm_kl.draw_chain_noise((len(batch), *latent_shape), len(schedule), generator, device)
         with autocast:
-            embeds = rocm_kl.encode_prompts(tokenizer, text_encoder, batch)
+            embeds = encode(batch)
             w_embedding = rocm_kl.guidance_embedding(args.guidance_scale, unet.config.time_cond_proj_dim, len(batch),
                                                      device)
             final, _ = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding)

@@ -29,6 +29,14 @@ def tiny(tmp_path_factory):
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
+@pytest.fixture(scope="session")
+def bases(tiny):
+    """Paths of the tiny SD1.5 and SDXL bases, their LCM-LoRAs and the UNet-only SDXL LCM (tests/tiny_world.py)."""
+    from tests.tiny_world import build_bases
+
+    return build_bases(tiny["lcm"].parent / "bases")
+
+
 @pytest.fixture(autouse=True)
 def keep_the_ctrl_c_handler():
     """A Run made in-process installs its own Ctrl-C handler; pytest's comes back after each test."""
@@ -70,6 +78,16 @@ def tiny_args(tiny, reward: str = "aesthetic", steps: int = 2) -> list[str]:
             "--train-steps", str(steps), "--eval-every", "0", "--batch-size", "2"]
 
 
+# script -> flags that make a short run of it on the tiny world (beyond tiny_args)
+SHORT_RUN_FLAGS = {
+    "rocm_kl.py": ["--beta", "0.1", "--lr", "1e-2"],
+    "rocm_fdiv.py": ["--divergence", "hellinger", "--beta", "0.1", "--lr", "1e-2"],
+    "cm_dpo.py": ["--beta", "0.1", "--lr", "1e-2", "--samples-per-prompt", "2"],
+    "rlcm_ppo.py": ["--reward", "jpeg_compressibility", "--lr", "1e-2", "--sample-batches", "1",
+                    "--train-batch-size", "3", "--grad-accum", "1"],
+}
+
+
 def run_dir_of(output: str) -> Path:
     """The run directory a script announces on stdout ("run directory: DIR")."""
     return Path(next(line.split(": ", 1)[1].split(" (")[0] for line in output.splitlines()
@@ -90,6 +108,14 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), result.stderr[-3000:]
     return last
+
+
+def load_tiny(module, model, dtype=None, **flags) -> tuple:
+    """module's own load_lcm on a tiny pipeline at 32 px: (encode, vae, unet, scheduler)."""
+    import torch
+
+    args = module.Args(model=str(model), resolution=32, device="cpu", **flags)
+    return module.load_lcm(args, torch.device("cpu"), dtype or torch.float32)[:4]
 
 
 def main_before_models(module, monkeypatch, *argv: str) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import tyro
 
 import cm_dpo
-from tests.conftest import lora_of, run_dir_of, tiny_args
+from tests.conftest import load_tiny, lora_of, run_dir_of, tiny_args
 
 PROMPTS = ["a cat", "a red apple on a table"]
 LATENT_SHAPE = (4, 16, 16)
@@ -33,10 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def lcm(tiny):
     """The tiny pipeline loaded through cm_dpo's own loader, with a LoRA attached."""
-    tokenizer, text_encoder, vae, unet, scheduler = cm_dpo.load_lcm(str(tiny["lcm"]), torch.device("cpu"),
-                                                                     torch.float32)
+    encode, vae, unet, scheduler = load_tiny(cm_dpo, tiny["lcm"])
     lora_params = cm_dpo.add_lora(unet, rank=4, alpha=4)
-    return tokenizer, text_encoder, vae, unet, scheduler, lora_params
+    return encode, vae, unet, scheduler, lora_params
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def set_lora(lcm, scale=0.0, seed=0):
     """B matrices to zero (the policy is the reference) or to small random values."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in lcm[3].named_parameters():
+        for name, param in lcm[2].named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
@@ -76,10 +75,10 @@ def make_args(**overrides):
 
 def pair_setup(lcm, args, module=cm_dpo):
     """The sampling setup of one CPU process, built from `module` (the script, or its algorithm part copied out)."""
-    tokenizer, text_encoder, vae, unet, scheduler, _ = lcm
+    encode, vae, unet, scheduler, _ = lcm
     schedule = module.lcm_schedule(scheduler, args.num_inference_steps, "cpu")
     w_row = module.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 1, "cpu")
-    return module.PairSetup(models=(tokenizer, text_encoder, vae, unet), schedule=schedule, latent_shape=LATENT_SHAPE,
+    return module.PairSetup(models=(encode, vae, unet), schedule=schedule, latent_shape=LATENT_SHAPE,
                             w_row=w_row, grid_size=50, seed=args.seed, batch_size=args.batch_size)
 
 
@@ -91,7 +90,7 @@ def offline_batch(lcm, args, pairs_file, step=1):
 
 
 def objective_of(lcm, args, schedule, ema=None, module=cm_dpo):
-    return module.CmDpoObjective(lcm[3], lcm[4], schedule, ema, beta=args.beta, eps=args.eps,
+    return module.CmDpoObjective(lcm[2], lcm[3], schedule, ema, beta=args.beta, eps=args.eps,
                                  dpo_form=args.dpo_form, last_step=args.last_step, con_weight=args.con_weight,
                                  con_target=args.con_target, con_loss=args.con_loss,
                                  gradient_checkpointing=args.gradient_checkpointing)
@@ -108,11 +107,11 @@ def test_chain_matches_the_diffusers_pipeline(tiny, lcm):
     pipe = LatentConsistencyModelPipeline.from_pretrained(tiny["lcm"])
     expected = pipe(PROMPTS, num_inference_steps=4, guidance_scale=8.5, height=32, width=32,
                     generator=torch.Generator().manual_seed(3), output_type="latent").images
-    tokenizer, text_encoder, _, unet, scheduler, _ = lcm
+    encode, _, unet, scheduler, _ = lcm
     set_lora(lcm)
     schedule = cm_dpo.lcm_schedule(scheduler, 4, "cpu")
     latents, noises = cm_dpo.draw_chain_noise((2, *LATENT_SHAPE), 4, torch.Generator().manual_seed(3), "cpu")
-    embeds = cm_dpo.encode_prompts(tokenizer, text_encoder, PROMPTS)
+    embeds = encode(PROMPTS)
     states = cm_dpo.sample_trajectory(unet, latents, noises, schedule, embeds,
                                       cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 2, "cpu"))
     assert len(states) == 5 and torch.equal(states[0], latents)
@@ -140,7 +139,7 @@ def test_log_ratios_are_means_over_latent_dimensions_and_the_kl_stays_exact(lcm,
     args = make_args(last_step="drop", beta=2.0)
     batch, schedule, w_embedding = offline_batch(lcm, args, pairs_file)
     objective = objective_of(lcm, args, schedule)
-    unet = lcm[3]
+    unet = lcm[2]
     log_ratio, kl = torch.zeros(4), torch.zeros(4)
     with torch.no_grad():
         terms = objective.trajectory_terms(batch, w_embedding)
@@ -175,7 +174,7 @@ def test_dpo_loss_is_log_2_before_the_first_update(lcm, pairs_file, dpo_form, la
 
 def train(lcm, args, batch, schedule, w_embedding, steps, lr=1e-3):
     objective = objective_of(lcm, args, schedule)
-    optimizer = torch.optim.Adam(lcm[5], lr=lr)
+    optimizer = torch.optim.Adam(lcm[4], lr=lr)
     for _ in range(steps):
         loss, _ = objective(batch, w_embedding, 1.0)
         optimizer.zero_grad()
@@ -204,7 +203,7 @@ def test_the_seed_form_ignores_where_the_chains_went_and_pushes_the_winner_away(
     batch, schedule, w_embedding = offline_batch(lcm, args, pairs_file)
     objective = objective_of(lcm, args, schedule)
     loss, _ = objective(batch, w_embedding, 1.0)
-    assert all(g.abs().max() == 0 for g in torch.autograd.grad(loss, lcm[5]))
+    assert all(g.abs().max() == 0 for g in torch.autograd.grad(loss, lcm[4]))
 
     set_lora(lcm, scale=0.02)
     elsewhere = dataclasses.replace(batch, states=[*batch.states[:-1], torch.randn_like(batch.states[-1])])
@@ -235,7 +234,7 @@ def test_swapping_winner_and_loser_reverses_the_gradient(lcm, pairs_file, dpo_fo
 
     def gradient(pairs):
         loss, _ = objective(pairs, w_embedding, 1.0)
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, lcm[5])])
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, lcm[4])])
 
     preferred, reversed_ = gradient(batch), gradient(swapped)
     assert preferred.norm() > 0
@@ -244,8 +243,8 @@ def test_swapping_winner_and_loser_reverses_the_gradient(lcm, pairs_file, dpo_fo
 
 @pytest.mark.parametrize("con_loss", ["l2", "huber"])
 def test_con_loss_is_zero_when_the_model_equals_its_target(lcm, con_loss):
-    tokenizer, text_encoder, _, unet, scheduler, _ = lcm
-    embeds = cm_dpo.encode_prompts(tokenizer, text_encoder, PROMPTS)
+    encode, _, unet, scheduler, _ = lcm
+    embeds = encode(PROMPTS)
     w_embedding = cm_dpo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 2, "cpu")
     step = cm_dpo.chain_step(scheduler, torch.tensor([259, 759]), None, "cpu")
     x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
@@ -265,7 +264,7 @@ def test_con_loss_is_zero_when_the_model_equals_its_target(lcm, con_loss):
 
 
 def test_online_pairs_keep_the_sampled_chains_of_the_best_and_worst_sample(lcm):
-    tokenizer, text_encoder, vae, unet, scheduler, _ = lcm
+    encode, vae, unet, scheduler, _ = lcm
     set_lora(lcm, scale=0.05)
 
     def brightness(images, prompts):

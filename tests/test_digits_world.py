@@ -5,6 +5,7 @@ import torch
 
 import rocm_kl
 from common import load_reward
+from tests.conftest import load_tiny
 from world.digits_metrics import WORLD_DIR, digit_accuracy, real_digits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -16,13 +17,12 @@ def eval_digits():
 
 
 def test_four_step_samples_show_the_prompted_digit():
-    tokenizer, text_encoder, vae, unet, scheduler = rocm_kl.load_lcm(str(WORLD_DIR / "lcm"), torch.device("cpu"),
-                                                                     torch.float32)
+    encode, vae, unet, scheduler = load_tiny(rocm_kl, WORLD_DIR / "lcm")
     prompts = (WORLD_DIR / "prompts_eval.txt").read_text().splitlines() * 4  # 40 samples, every digit 4 times
     schedule = rocm_kl.lcm_schedule(scheduler, 4, "cpu")
     latents, noises = rocm_kl.draw_chain_noise((len(prompts), 4, 8, 8), 4, torch.Generator().manual_seed(0), "cpu")
     with torch.no_grad():
-        embeds = rocm_kl.encode_prompts(tokenizer, text_encoder, prompts)
+        embeds = encode(prompts)
         w = rocm_kl.guidance_embedding(8.5, unet.config.time_cond_proj_dim, len(prompts), "cpu")
         images = rocm_kl.decode(vae, rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w)[0])
     assert images.shape == (40, 3, 32, 32)

@@ -8,15 +8,14 @@ import torch
 import tyro
 
 import rlcm_ppo
-from tests.conftest import run_dir_of, tiny_args
+from tests.conftest import load_tiny, run_dir_of, tiny_args
 
 PROMPTS = ["a cat", "a red apple on a table"]
 
 
 @pytest.fixture(scope="module")
 def lcm(tiny):
-    models = rlcm_ppo.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
-    tokenizer, text_encoder, vae, unet, scheduler = models
+    encode, vae, unet, scheduler = load_tiny(rlcm_ppo, tiny["lcm"])
     rlcm_ppo.add_lora(unet, rank=4, alpha=4)
     with torch.no_grad():  # a policy away from the base, so nothing is trivially zero
         generator = torch.Generator().manual_seed(0)
@@ -24,15 +23,15 @@ def lcm(tiny):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     unet.eval()
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return encode, vae, unet, scheduler
 
 
 def rollout_of(lcm, reduction="mean", num_steps=4, batch=2, seed=3):
-    tokenizer, text_encoder, vae, unet, scheduler = lcm
+    encode, vae, unet, scheduler = lcm
     schedule = rlcm_ppo.lcm_schedule(scheduler, num_steps, "cpu")
     generator = torch.Generator().manual_seed(seed)
     latents, noises = rlcm_ppo.draw_chain_noise((batch, 4, 16, 16), num_steps, generator, "cpu")
-    embeds = rlcm_ppo.encode_prompts(tokenizer, text_encoder, PROMPTS[:batch])
+    embeds = encode(PROMPTS[:batch])
     w = rlcm_ppo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, batch, "cpu")
     rollout = rlcm_ppo.sample_with_logprobs(unet, scheduler, latents, noises, schedule, embeds, w, PROMPTS[:batch],
                                             reduction)
@@ -42,7 +41,7 @@ def rollout_of(lcm, reduction="mean", num_steps=4, batch=2, seed=3):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_stored_log_prob_is_the_normal_log_density(lcm, reduction):
     rollout, schedule, w = rollout_of(lcm, reduction)
-    unet, scheduler = lcm[3], lcm[4]
+    unet, scheduler = lcm[2], lcm[3]
     timesteps = torch.stack([step.t for step in schedule])
     for k in range(len(schedule) - 1):
         step = rlcm_ppo.policy_step(scheduler, timesteps, torch.full((2,), k), "cpu")
@@ -57,16 +56,16 @@ def test_stored_log_prob_is_the_normal_log_density(lcm, reduction):
 def test_importance_ratio_is_exactly_one_on_the_first_minibatch(lcm):
     rollout, schedule, _ = rollout_of(lcm)
     rollout.advantages = torch.tensor([1.0, -1.0])
-    objective = rlcm_ppo.PpoObjective(lcm[3], lcm[4], schedule, clip_range=1e-4, reduction="mean")
+    objective = rlcm_ppo.PpoObjective(lcm[2], lcm[3], schedule, clip_range=1e-4, reduction="mean")
     shuffle = torch.Generator().manual_seed(0)
     samples, steps = rlcm_ppo.ppo_minibatches(2, len(schedule) - 1, 3, shuffle)[0]
-    w = rlcm_ppo.guidance_embedding(8.5, lcm[3].config.time_cond_proj_dim, 3, "cpu")
+    w = rlcm_ppo.guidance_embedding(8.5, lcm[2].config.time_cond_proj_dim, 3, "cpu")
     loss, stats = objective(rollout, samples, steps, w)
     assert stats["ratio_deviation"] == 0  # max |r - 1|: every ratio is exactly 1
     assert stats["approx_kl"] == 0 and stats["clip_fraction"] == 0
     loss.backward()  # at ratio 1 nothing is clipped: the policy gradient flows
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lcm[3].parameters() if p.requires_grad)
-    lcm[3].zero_grad(set_to_none=True)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lcm[2].parameters() if p.requires_grad)
+    lcm[2].zero_grad(set_to_none=True)
 
 
 def test_minibatch_plan_covers_every_pair_once_and_groups_grad_accum_minibatches_per_step():
@@ -83,13 +82,13 @@ def test_gradient_checkpointing_gives_the_same_gradient_and_stores_fewer_activat
     fraction of the tensors autograd would otherwise store, and the LoRA gradient is the same."""
     rollout, schedule, _ = rollout_of(lcm)
     rollout.advantages = torch.tensor([1.0, -1.0])
-    unet = lcm[3]
+    unet = lcm[2]
     lora = [p for p in unet.parameters() if p.requires_grad]
     samples, steps = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 1])
     w = rlcm_ppo.guidance_embedding(8.5, unet.config.time_cond_proj_dim, 3, "cpu")
     losses, gradients, stored = [], [], []
     for gradient_checkpointing in (False, True):
-        objective = rlcm_ppo.PpoObjective(unet, lcm[4], schedule, clip_range=1e-4, reduction="mean",
+        objective = rlcm_ppo.PpoObjective(unet, lcm[3], schedule, clip_range=1e-4, reduction="mean",
                                           gradient_checkpointing=gradient_checkpointing)
         saved = []
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import rocm_fdiv
 import rocm_kl
 from common import DIVERGENCES
-from tests.conftest import run_dir_of, tiny_args
+from tests.conftest import load_tiny, run_dir_of, tiny_args
 
 PROMPTS = ["a cat", "a red apple on a table"]
 REGULARIZERS = [(name, "quadrature") for name in DIVERGENCES if name != "none"] + [("js", "sampled")]
@@ -26,10 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def lcm(tiny):
     """The tiny pipeline loaded through rocm_fdiv's own loader, with a LoRA attached."""
-    tokenizer, text_encoder, vae, unet, scheduler = rocm_fdiv.load_lcm(str(tiny["lcm"]), torch.device("cpu"),
-                                                                       torch.float32)
+    encode, vae, unet, scheduler = load_tiny(rocm_fdiv, tiny["lcm"])
     rocm_fdiv.add_lora(unet, rank=4, alpha=4)
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return encode, vae, unet, scheduler
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +48,11 @@ def set_lora_b(unet, scale, seed=0):
 
 
 def chain_inputs(lcm, seed=3, num_steps=4, batch=2):
-    tokenizer, text_encoder, vae, unet, scheduler = lcm
+    encode, vae, unet, scheduler = lcm
     schedule = rocm_fdiv.lcm_schedule(scheduler, num_steps, "cpu")
     latents, noises = rocm_fdiv.draw_chain_noise((batch, 4, 16, 16), num_steps, torch.Generator().manual_seed(seed),
                                                  "cpu")
-    embeds = rocm_fdiv.encode_prompts(tokenizer, text_encoder, PROMPTS[:batch])
+    embeds = encode(PROMPTS[:batch])
     w_embedding = rocm_fdiv.guidance_embedding(8.5, unet.config.time_cond_proj_dim, batch, "cpu")
     return latents, noises, schedule, embeds, w_embedding
 
@@ -95,7 +94,7 @@ def test_every_divergence_trains_end_to_end_and_saves_a_loadable_lora(tiny, pipe
 @pytest.mark.parametrize("reduction", ["per_dim", "joint"])
 @pytest.mark.parametrize("divergence,estimator", REGULARIZERS)
 def test_regularizer_is_exactly_zero_at_the_base_and_positive_away_from_it(lcm, divergence, estimator, reduction):
-    unet = lcm[3]
+    unet = lcm[2]
     for scale in (0.0, 0.05):
         set_lora_b(unet, scale)
         generators = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -113,7 +112,7 @@ def test_regularizer_gradient_is_finite_also_far_from_the_base(lcm, divergence, 
     """Far from the base the joint hellinger, js and tv sit at their bounds with zero gradient (why per_dim
     is the default); per_dim still pulls. chi2 = exp(d2) - 1 is infinite there in float32, its true value
     to working precision (training skips such steps), so it is checked near the base only."""
-    unet = lcm[3]
+    unet = lcm[2]
     set_lora_b(unet, 0.05 if divergence == "chi2" else 1.0)
     lora = [p for p in unet.parameters() if p.requires_grad]
     _, value, _ = rocm_fdiv.sample_chain(unet, *chain_inputs(lcm), divergence, reduction, estimator,
@@ -127,7 +126,7 @@ def test_regularizer_gradient_is_finite_also_far_from_the_base(lcm, divergence, 
 
 
 def test_one_reference_pass_per_step_gives_the_divergence_and_the_kl(lcm):
-    unet = lcm[3]
+    unet = lcm[2]
     set_lora_b(unet, 0.05)
     calls = []
     hook = unet.register_forward_hook(lambda *_: calls.append(1))
@@ -159,7 +158,7 @@ def train_in_process(tiny, lcm):
     """10 AdamW steps at lr 1e-2 of rocm_fdiv's objective from a fresh LoRA -> (LoRA delta norm, final KL)."""
     from common import load_reward
 
-    tokenizer, text_encoder, vae, unet, scheduler = lcm
+    encode, vae, unet, scheduler = lcm
     reward_fn = load_reward("aesthetic", str(tiny["aesthetic"]))
     lora = [p for p in unet.parameters() if p.requires_grad]
     initial = [p.detach().clone() for p in lora]
@@ -175,7 +174,7 @@ def train_in_process(tiny, lcm):
     @functools.cache
     def train(divergence, estimator, beta):
         restore()
-        objective = rocm_fdiv.RocmObjective((tokenizer, text_encoder, vae, unet), reward_fn, schedule, beta,
+        objective = rocm_fdiv.RocmObjective((encode, vae, unet), reward_fn, schedule, beta,
                                             gradient_checkpointing=False, divergence=divergence, js_estimator=estimator)
         optimizer = torch.optim.AdamW(lora, lr=1e-2)
         for step in range(10):
@@ -222,10 +221,10 @@ def test_sampled_js_noise_depends_on_the_sample_alone():
 
 def test_kl_is_one_value_under_both_reductions(lcm):
     """per_dim sums the 1-D marginals' KLs over the latent: the joint KL, so one beta means the same in both."""
-    set_lora_b(lcm[3], 0.05)
+    set_lora_b(lcm[2], 0.05)
     with torch.no_grad():
-        _, per_dim, kl = rocm_fdiv.sample_chain(lcm[3], *chain_inputs(lcm), "kl", "per_dim")
-        _, joint, _ = rocm_fdiv.sample_chain(lcm[3], *chain_inputs(lcm), "kl", "joint")
+        _, per_dim, kl = rocm_fdiv.sample_chain(lcm[2], *chain_inputs(lcm), "kl", "per_dim")
+        _, joint, _ = rocm_fdiv.sample_chain(lcm[2], *chain_inputs(lcm), "kl", "joint")
     assert (per_dim > 0).all() and torch.equal(per_dim, joint) and torch.equal(per_dim, kl)
 
 
@@ -258,9 +257,9 @@ def test_unknown_divergence_is_a_one_line_error(tiny, run_script):
 def test_one_step_chain_has_no_divergence_so_beta_is_refused(lcm, divergence):
     """K = 1 has no stochastic step: the divergence is identically 0, also away from the base, so a beta > 0 would
     silently do nothing; it is refused, and beta 0 is allowed."""
-    set_lora_b(lcm[3], 0.05)
+    set_lora_b(lcm[2], 0.05)
     with torch.no_grad():
-        _, value, kl = rocm_fdiv.sample_chain(lcm[3], *chain_inputs(lcm, num_steps=1), divergence)
+        _, value, kl = rocm_fdiv.sample_chain(lcm[2], *chain_inputs(lcm, num_steps=1), divergence)
     assert torch.equal(value, torch.zeros(2)) and torch.equal(kl, torch.zeros(2))
     args = rocm_fdiv.Args(divergence=divergence, num_inference_steps=1, device="cpu")
     with pytest.raises(SystemExit, match="^error: --num-inference-steps 1 has no stochastic step, so the divergence is "

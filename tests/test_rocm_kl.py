@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rocm_kl
-from tests.conftest import run_dir_of, tiny_args
+from tests.conftest import load_tiny, run_dir_of, tiny_args
 
 PROMPTS = ["a cat", "a red apple on a table"]
 
@@ -15,9 +15,9 @@ PROMPTS = ["a cat", "a red apple on a table"]
 @pytest.fixture(scope="module")
 def lcm(tiny):
     """The tiny pipeline loaded through rocm_kl's own loader, with a LoRA attached."""
-    tokenizer, text_encoder, vae, unet, scheduler = rocm_kl.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
+    encode, vae, unet, scheduler = load_tiny(rocm_kl, tiny["lcm"])
     rocm_kl.add_lora(unet, rank=4, alpha=4)
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return encode, vae, unet, scheduler
 
 
 def perturb_lora(unet, seed=0, scale=0.05):
@@ -37,10 +37,10 @@ def reset_lora(unet):
 
 
 def chain_inputs(lcm, num_steps, seed=3, batch=2):
-    tokenizer, text_encoder, vae, unet, scheduler = lcm
+    encode, vae, unet, scheduler = lcm
     schedule = rocm_kl.lcm_schedule(scheduler, num_steps, "cpu")
     latents, noises = rocm_kl.draw_chain_noise((batch, 4, 16, 16), num_steps, torch.Generator().manual_seed(seed), "cpu")
-    embeds = rocm_kl.encode_prompts(tokenizer, text_encoder, PROMPTS[:batch])
+    embeds = encode(PROMPTS[:batch])
     w_embedding = rocm_kl.guidance_embedding(8.5, unet.config.time_cond_proj_dim, batch, "cpu")
     return latents, noises, schedule, embeds, w_embedding
 
@@ -52,22 +52,22 @@ def test_chain_matches_the_diffusers_pipeline(tiny, lcm, num_steps):
     pipe = LatentConsistencyModelPipeline.from_pretrained(tiny["lcm"])
     expected = pipe(PROMPTS, num_inference_steps=num_steps, guidance_scale=8.5, height=32, width=32,
                     generator=torch.Generator().manual_seed(3), output_type="latent").images
-    reset_lora(lcm[3])
+    reset_lora(lcm[2])
     latents, noises, schedule, embeds, w_embedding = chain_inputs(lcm, num_steps)
     with torch.no_grad():
-        final, _ = rocm_kl.sample_chain(lcm[3], latents, noises, schedule, embeds, w_embedding)
+        final, _ = rocm_kl.sample_chain(lcm[2], latents, noises, schedule, embeds, w_embedding)
     assert (final - expected).abs().max().item() < 1e-6
     image = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
-    assert torch.allclose(rocm_kl.decode(lcm[2], final), (image / 2 + 0.5).clamp(0, 1), atol=1e-6)
+    assert torch.allclose(rocm_kl.decode(lcm[1], final), (image / 2 + 0.5).clamp(0, 1), atol=1e-6)
 
 
 def test_timesteps_follow_the_lcm_rule(lcm):
-    assert [int(s.t) for s in rocm_kl.lcm_schedule(lcm[4], 8, "cpu")] == [999, 879, 759, 639, 499, 379, 259, 139]
-    assert [int(s.t) for s in rocm_kl.lcm_schedule(lcm[4], 4, "cpu")] == [999, 759, 499, 259]
+    assert [int(s.t) for s in rocm_kl.lcm_schedule(lcm[3], 8, "cpu")] == [999, 879, 759, 639, 499, 379, 259, 139]
+    assert [int(s.t) for s in rocm_kl.lcm_schedule(lcm[3], 4, "cpu")] == [999, 759, 499, 259]
 
 
 def test_kl_is_exactly_zero_before_the_first_update_and_positive_after(lcm):
-    unet = lcm[3]
+    unet = lcm[2]
     reset_lora(unet)
     latents, noises, schedule, embeds, w_embedding = chain_inputs(lcm, 4)
     _, kl = rocm_kl.sample_chain(unet, latents, noises, schedule, embeds, w_embedding, with_kl=True)
@@ -80,7 +80,7 @@ def test_kl_is_exactly_zero_before_the_first_update_and_positive_after(lcm):
 def test_gradients_equal_with_and_without_checkpointing(tiny, lcm):
     from common import load_reward
 
-    unet, vae = lcm[3], lcm[2]
+    unet, vae = lcm[2], lcm[1]
     reward_fn = load_reward("aesthetic", str(tiny["aesthetic"]))
     perturb_lora(unet, seed=1)
     lora = [p for n, p in unet.named_parameters() if p.requires_grad]
@@ -113,13 +113,12 @@ def test_regularizer_gradient_is_its_derivative_only_with_reference_grad(tiny, r
     rocm_fdiv divergence, per_dim) along a random LoRA direction against a central finite difference.
     x_k depends on the LoRA, and so does f_ref(x_k): with the reference a constant at each x_k
     (reference_grad off) the gradient misses that path and is off."""
-    tokenizer, text_encoder, vae, unet, scheduler = rocm_kl.load_lcm(str(tiny["lcm"]), torch.device("cpu"),
-                                                                     torch.float64)
+    encode, vae, unet, scheduler = load_tiny(rocm_kl, tiny["lcm"], torch.float64)
     torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
     lora = rocm_kl.add_lora(unet, rank=4, alpha=4)
     unet.double()
     perturb_lora(unet, scale=0.3)  # away from the base, where the two gradients differ
-    latents, noises, schedule, embeds, w_embedding = chain_inputs((tokenizer, text_encoder, vae, unet, scheduler), 4)
+    latents, noises, schedule, embeds, w_embedding = chain_inputs((encode, vae, unet, scheduler), 4)
     chain = (latents.double(), [noise.double() for noise in noises], schedule, embeds, w_embedding.double())
     generator = torch.Generator().manual_seed(5)
     start = [p.detach().clone() for p in lora]
@@ -200,7 +199,7 @@ def test_large_beta_keeps_the_lora_near_the_base(tiny, run_script):
     (["--num-inference-steps", "0"], "--num-inference-steps must be"),
     (["--num-inference-steps", "1"], "--num-inference-steps 1 has no stochastic step, so the KL is 0 and --beta has "
                                      "no effect; use --num-inference-steps >= 2 or --beta 0"),
-    (["--resolution", "30"], "--resolution must be a multiple of 4"),
+    (["--resolution", "31"], "--resolution must be a multiple of 2"),
     (["--reward", "jpeg_compressibility"], "needs a differentiable reward"),
     (["--reward", "pickscore=/nonexistent/clip"], "'/nonexistent/clip'"),
 ])

@@ -14,16 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, lora_of, run_dir_of, tiny_args
+from tests.conftest import REPO, SHORT_RUN_FLAGS, load_tiny, lora_of, run_dir_of, tiny_args
 
-# script -> flags that make a short run of it on the tiny world (beyond tiny_args)
-SCRIPTS = {
-    "rocm_kl.py": ["--beta", "0.1", "--lr", "1e-2"],
-    "rocm_fdiv.py": ["--divergence", "hellinger", "--beta", "0.1", "--lr", "1e-2"],
-    "cm_dpo.py": ["--beta", "0.1", "--lr", "1e-2", "--samples-per-prompt", "2"],
-    "rlcm_ppo.py": ["--reward", "jpeg_compressibility", "--lr", "1e-2", "--sample-batches", "1",
-                    "--train-batch-size", "3", "--grad-accum", "1"],
-}
+SCRIPTS = SHORT_RUN_FLAGS
 # scripts whose update on N ranks x batch b equals one process with batch N*b (not PPO: each rank
 # shuffles its own samples into minibatches)
 SAME_AS_ONE_PROCESS = ["rocm_kl.py", "rocm_fdiv.py", "cm_dpo.py"]
@@ -155,7 +148,7 @@ def test_saved_lora_loads_at_its_trained_strength(script, tiny, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
     module = importlib.import_module(Path(script).stem)
-    _, _, _, unet, _ = module.load_lcm(str(tiny["lcm"]), torch.device("cpu"), torch.float32)
+    _, _, unet, _ = load_tiny(module, tiny["lcm"])
     module.add_lora(unet, rank=4, alpha=16)  # scale alpha / rank = 4: lost if the file forgets alpha
     with torch.no_grad():
         for name, param in unet.named_parameters():

@@ -138,6 +138,60 @@ def build_tiny_world(root: Path, size: str = "tiny") -> dict[str, Path]:
     return paths
 
 
+def build_bases(root: Path, seed: int = 3) -> dict[str, Path]:
+    """The few-step bases beside the LCM pipeline, tiny: an SD1.5 and an SDXL base pipeline (UNets without
+    w-conditioning, their own schedulers: PNDM, EulerDiscrete), an LCM-LoRA for each, and a UNet-only SDXL LCM
+    (w-conditioned, as latent-consistency/lcm-sdxl)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = Path(root)
+    sizes = SIZES["tiny"]
+    torch.manual_seed(seed)
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, **sizes["vae"])
+    vocab_size = write_char_tokenizer(root / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    text = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, projection_dim=TEXT_DIM, **sizes["text"])
+    sd_unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
+                                   **{**sizes["unet"], "time_cond_proj_dim": None})
+    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=sd_unet,
+                            scheduler=PNDMScheduler(**schedule, skip_prk_steps=True, steps_offset=1), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(root / "sd_base")
+    sdxl_unet = dict(sample_size=16, in_channels=4, out_channels=4, addition_embed_type="text_time",
+                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8,
+                     **{**sizes["unet"], "cross_attention_dim": 2 * TEXT_DIM})
+    StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text), text_encoder_2=CLIPTextModelWithProjection(text),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=UNet2DConditionModel(**{**sdxl_unet, "time_cond_proj_dim": None}),
+        scheduler=EulerDiscreteScheduler(**schedule, timestep_spacing="leading", steps_offset=1),
+        add_watermarker=False).save_pretrained(root / "sdxl_base")
+    UNet2DConditionModel(**sdxl_unet).save_pretrained(root / "lcm_sdxl_unet")
+    for name, unet in (("sd", sd_unet), ("sdxl", UNet2DConditionModel.from_pretrained(root / "sdxl_base/unet"))):
+        write_lora(unet, root / f"lcm_lora_{name}", scale=0.1)
+    return {name: root / name for name in ("sd_base", "sdxl_base", "lcm_sdxl_unet", "lcm_lora_sd", "lcm_lora_sdxl")}
+
+
+def write_lora(unet, directory: Path, scale: float, rank: int = 4) -> None:
+    """A random LoRA on unet's attention projections (B nonzero, so that it changes the UNet), in the diffusers
+    format; the UNet is left as it was."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, scale)
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        directory, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    unet.unload_lora()
+
+
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["tiny"], ["real"]):
         raise SystemExit("usage: python -m tests.tiny_world OUT_DIR [tiny|real]")
