@@ -127,3 +127,13 @@ def test_each_script_trains_on_the_base_and_its_lora_loads_in_diffusers(script, 
     exec(code, namespace)  # builds the pipeline, loads the LoRA, samples one image
     assert torch.equal(ours, pipeline_samples(namespace["pipe"], guidance_scale, 4))
     assert json.loads((run_dir / "final" / "args.json").read_text())["model"] == flags["model"]
+
+
+def test_evaluate_scores_a_base_given_by_the_same_flags(bases, tiny, tmp_path):
+    from benchmarks import evaluate
+
+    args = evaluate.Args(**base_flags(bases, "sdxl_lcm_unet"), eval_rewards=(f"clipscore={tiny['clip']}",),
+                         eval_prompts_file=str(tiny["prompts"]), samples_per_prompt=1, resolution=32,
+                         num_inference_steps=2, device="cpu", mixed_precision="no", output=str(tmp_path / "base.json"))
+    assert set(evaluate.main(args)) == {"clipscore"}
+    assert (tmp_path / "base.png").is_file()
