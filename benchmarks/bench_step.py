@@ -1,12 +1,18 @@
 """Speed and memory of each script's training step, at real model scale with random weights.
 
-Builds the architectures of LCM_Dreamshaper_v7 (SD1.5 UNet with time_cond_proj_dim 256, SD VAE,
-CLIP ViT-L text encoder) and of the reward towers (CLIP ViT-H/14 for PickScore) from configs, saves
-them once under --models-dir, loads them through the scripts' own loaders and times the scripts'
-own training-step code: forward (chain, decode, reward), backward and the optimizer step. For each
-script and batch size it reports the median time per image over --repeats steps after --warmup,
-peak GPU memory, FLOPs counted by torch's FlopCounterMode, and utilization against the bf16 matmul
-rate measured in the same run. Writes a markdown table to --output.
+Builds the architectures of the --base and of the reward tower (CLIP ViT-H/14 for PickScore) from
+configs (tests/tiny_world.py), saves them once under --models-dir, loads them through the scripts' own
+loaders (their --model, --unet, --lcm-lora flags) and times the scripts' own training-step code:
+forward (chain, decode, reward), backward and the optimizer step. Bases: lcm, LCM_Dreamshaper_v7
+(SD1.5 UNet with time_cond_proj_dim 256, SD VAE, CLIP ViT-L text encoder); sd_lcm_lora, an SD1.5
+base with a random rank-64 LCM-LoRA fused in; sdxl_lcm_unet, the SDXL 1.0 base (CLIP ViT-L and
+OpenCLIP bigG text encoders, SDXL VAE) with latent-consistency/lcm-sdxl's w-conditioned UNet;
+sdxl_lcm_lora, SDXL with an LCM-LoRA fused in. The guidance scale defaults to the base's: 8.5 for the
+w-conditioned UNets, 2.0 for the LCM-LoRA bases (classifier-free: two UNet passes a step); the
+resolution to 512 px, 1024 px on the SDXL bases. For each script and batch size it reports the
+median time per image over --repeats steps after --warmup, peak GPU memory, FLOPs counted by torch's
+FlopCounterMode, and utilization against the bf16 matmul rate measured in the same run. Writes a
+markdown table to --output, a row per script and batch size, the base in its first column.
 
 Scripts: rocm_kl; rocm_fdiv, one row per --divergences entry; rlcm_ppo, one iteration (sampling its
 --sample-batches batches without gradients, then one PPO epoch), per sampled image; cm_dpo, one
@@ -14,10 +20,15 @@ online-pairs step, per generated image. --fast times each step with regional tor
 channels_last (speed_up below; the scripts train the eager path until a GPU shows these faster) instead, after checking on the same inputs that its loss and LoRA gradients match the
 eager path's, and times the eager rocm_kl step as the reference of the speed column.
 
-GPU (the first call spends ~2 minutes writing 10 GB of random weights):
+GPU (the first call of a base spends minutes writing its random weights in fp32: 4 GB for lcm and for
+sd_lcm_lora, 24 GB for sdxl_lcm_unet, 14 GB for sdxl_lcm_lora (13.5 GB of them the SDXL base, shared
+with sdxl_lcm_unet), and once the 4 GB reward tower):
     python benchmarks/bench_step.py --batch-sizes 1 4 8
     python benchmarks/bench_step.py --scripts rocm_kl rocm_fdiv rlcm_ppo cm_dpo --batch-sizes 1 4 8 --fast
-CPU check of the harness on the tiny test world:
+    python benchmarks/bench_step.py --base sd_lcm_lora --batch-sizes 1 4 8
+    python benchmarks/bench_step.py --base sdxl_lcm_unet --batch-sizes 1 2
+    python benchmarks/bench_step.py --base sdxl_lcm_lora --batch-sizes 1 2
+CPU check of the harness on the tiny test world (any --base):
     python benchmarks/bench_step.py --scale tiny --device cpu --mixed-precision no --batch-sizes 1 2
 """
 
@@ -27,6 +38,7 @@ import datetime
 import functools
 import gc
 import itertools
+import shutil
 import statistics
 import sys
 import time
@@ -42,6 +54,11 @@ sys.path.insert(0, str(REPO))
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse at dusk",
            "a bowl of ramen, studio lighting", "a red fox in fresh snow"]
+# --base -> (the scripts' model flags, as the names of the models built for them; the default guidance scale)
+BASES = {"lcm": ({"model": "lcm"}, 8.5),
+         "sd_lcm_lora": ({"model": "sd_base", "lcm_lora": "lcm_lora_sd"}, 2.0),
+         "sdxl_lcm_unet": ({"model": "sdxl_base", "unet": "lcm_sdxl_unet"}, 8.5),
+         "sdxl_lcm_lora": ({"model": "sdxl_base", "lcm_lora": "lcm_lora_sdxl"}, 2.0)}
 # the fast path's largest relative gap to the eager path that still passes: float rounding only
 PARITY_TOLERANCE = {"no": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
 
@@ -50,6 +67,11 @@ PARITY_TOLERANCE = {"no": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
 class Args:
     scale: Literal["real", "tiny"] = "real"
     """real: the architectures of the paper's models; tiny: the test world, to check the harness on a CPU"""
+    base: Literal["lcm", "sd_lcm_lora", "sdxl_lcm_unet", "sdxl_lcm_lora"] = "lcm"
+    """lcm: an SD1.5 LCM pipeline (LCM_Dreamshaper_v7); sd_lcm_lora, sdxl_lcm_lora: an SD1.5 or SDXL base with an
+    LCM-LoRA fused in; sdxl_lcm_unet: the SDXL base with the UNet-only LCM of latent-consistency/lcm-sdxl"""
+    guidance_scale: float = 0
+    """the scripts' --guidance-scale (0: the base's, 8.5 for lcm and sdxl_lcm_unet, 2.0 for the LCM-LoRA bases)"""
     scripts: tuple[str, ...] = ("rocm_kl",)
     """scripts whose training step is timed: rocm_kl, rocm_fdiv, rlcm_ppo, cm_dpo"""
     divergences: tuple[str, ...] = ("kl", "reverse_kl", "hellinger", "js", "fisher", "none")
@@ -61,7 +83,7 @@ class Args:
     compile_backend: str = "inductor"
     """torch.compile backend of --fast (inductor on a GPU; aot_eager or eager check the harness on a CPU, where inductor's gradients are wrong)"""
     resolution: int = 0
-    """image side in pixels (0: 512 for real, 32 for tiny)"""
+    """image side in pixels (0: 512 for real, 1024 for real SDXL bases, 32 for tiny)"""
     num_inference_steps: int = 8
     """K, the LCM sampling steps of the chain"""
     warmup: int = 2
@@ -79,14 +101,29 @@ class Args:
 
 
 def build_models(args: Args) -> dict[str, Path]:
-    from tests.tiny_world import build_tiny_world
+    """Paths of --base's models and the reward tower (clip) at --scale, by name, under --models-dir/SCALE; built where
+    missing, in a scratch folder moved into place when complete (an interrupted build is redone, not half-loaded)."""
+    from tests.tiny_world import build_bases, build_clip_reward, build_pipeline
 
     root = Path(args.models_dir) / args.scale
-    paths = {"lcm": root / "lcm", "clip": root / "clip", "aesthetic": root / "aesthetic", "prompts": root / "prompts.txt"}
-    if not all(path.exists() for path in paths.values()):
-        print(f"building {args.scale} models under {root} ...")
-        paths = build_tiny_world(root, size=args.scale)
-    return paths
+    flags = BASES[args.base][0]
+    names = ["clip", *flags.values()]
+    missing = [name for name in names if not (root / name).exists()]
+    if missing:
+        print(f"building the {args.scale} models {', '.join(missing)} under {root} ...")
+        scratch = root / "partial"
+        shutil.rmtree(scratch, ignore_errors=True)
+        if "clip" in missing:
+            build_clip_reward(scratch / "clip", size=args.scale)  # the seed of tests.tiny_world's clip/
+        if "lcm" in missing:
+            build_pipeline(scratch / "lcm", size=args.scale)
+        bases = tuple(name for name in missing if name not in ("clip", "lcm"))
+        if bases:
+            build_bases(scratch, size=args.scale, names=bases)
+        for name in missing:
+            (scratch / name).rename(root / name)
+        shutil.rmtree(scratch)
+    return {name: root / name for name in names}
 
 
 def weight_dtype(args: Args) -> torch.dtype:
@@ -94,7 +131,8 @@ def weight_dtype(args: Args) -> torch.dtype:
 
 
 class Bench:
-    """A script's models, LoRA and optimizer, loaded with the script's own functions, as its main() does.
+    """A script's models (--base's, models: their paths by name, as build_models returns them), LoRA and optimizer,
+    loaded with the script's own functions, as its main() does.
 
     The LoRA's B matrices get small random values (they start at zero), so the policy differs from
     the reference and every LoRA weight has a gradient for the fast path's check. Builders set
@@ -104,10 +142,12 @@ class Bench:
 
     def __init__(self, script: str, args: Args, models: dict[str, Path], batch_size: int, **fields):
         self.module = module = __import__(script)
+        flags, guidance_scale = BASES[args.base]
         self.run_args = run_args = module.Args(
-            model=str(models["lcm"]), reward=f"pickscore={models['clip']}", batch_size=batch_size,
-            resolution=args.resolution, num_inference_steps=args.num_inference_steps, device=args.device,
-            mixed_precision=args.mixed_precision, **fields)
+            **{flag: str(models[name]) for flag, name in flags.items()}, reward=f"pickscore={models['clip']}",
+            guidance_scale=args.guidance_scale or guidance_scale, batch_size=batch_size, resolution=args.resolution,
+            num_inference_steps=args.num_inference_steps, device=args.device, mixed_precision=args.mixed_precision,
+            **fields)
         self.device = device = torch.device(args.device)
         dtype = weight_dtype(args)
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=args.mixed_precision != "no")
@@ -365,7 +405,9 @@ def main(args: Args) -> None:
     from common import DIVERGENCES
 
     if args.resolution == 0:
-        args.resolution = 512 if args.scale == "real" else 32
+        args.resolution = 32 if args.scale == "tiny" else 1024 if args.base.startswith("sdxl") else 512
+    if args.guidance_scale == 0:
+        args.guidance_scale = BASES[args.base][1]
     unknown = [script for script in args.scripts if script not in STEPS]
     if unknown:
         raise SystemExit(f"error: no benchmark for {', '.join(unknown)}; choose from: {', '.join(STEPS)}")
@@ -387,14 +429,17 @@ def main(args: Args) -> None:
     import diffusers
 
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"Training step per image, {args.scale} scale, {args.resolution} px, K={args.num_inference_steps}, "
-             f"LoRA r16, {args.mixed_precision}, checkpointing on. {hardware}, torch {torch.__version__}, "
+    guidance = "w-conditioned" if "lcm_lora" not in BASES[args.base][0] else \
+        "classifier-free, two UNet passes" if args.guidance_scale > 1 else "one UNet pass"
+    lines = [f"Training step per image, base {args.base} (guidance {args.guidance_scale:g}, {guidance}), "
+             f"{args.scale} scale, {args.resolution} px, K={args.num_inference_steps}, LoRA r16, {args.mixed_precision}, "
+             f"checkpointing on. {hardware}, torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, {datetime.date.today()}; matmul rate measured in the same run: "
              f"{rate / 1e12:.1f} TFLOP/s. Path fast: compiled blocks + channels_last ({args.compile_backend}); its parity "
              f"column is the largest gap of loss and LoRA gradients to the eager path on the same inputs, relative to "
              f"each tensor's largest entry (tolerance {tolerance:g}). Speed: eager rocm_kl's ms / image over the row's.",
-             "", "| script | path | batch | images / step | ms / image | GFLOP / image | TFLOP/s | % of matmul rate | "
-             "peak GiB | speed vs eager rocm_kl | parity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| base | script | path | batch | images / step | ms / image | GFLOP / image | TFLOP/s | "
+             "% of matmul rate | peak GiB | speed vs eager rocm_kl | parity |", "|---" * 12 + "|"]
     reference, failures = {}, []
     for batch_size in args.batch_sizes:
         for name, path, build in benchmark_rows(args):
@@ -411,9 +456,9 @@ def main(args: Args) -> None:
                       f"gradients {parity} (tolerance {tolerance:g})")
                 if not figures["max_rel_diff"] <= tolerance:
                     failures.append(f"{name} batch {batch_size} ({parity})")
-            row = (f"| {name} | {path} | {batch_size} | {bench.images} | {figures['s_per_image'] * 1e3:.1f} | "
-                   f"{figures['flop_per_image'] / 1e9:.1f} | {achieved / 1e12:.2f} | {100 * achieved / rate:.1f} | "
-                   f"{figures['peak_gib']:.1f} | {speed} | {parity} |")
+            row = (f"| {args.base} | {name} | {path} | {batch_size} | {bench.images} | "
+                   f"{figures['s_per_image'] * 1e3:.1f} | {figures['flop_per_image'] / 1e9:.1f} | {achieved / 1e12:.2f} | "
+                   f"{100 * achieved / rate:.1f} | {figures['peak_gib']:.1f} | {speed} | {parity} |")
             print(row)
             lines.append(row)
             del bench

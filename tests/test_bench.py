@@ -18,7 +18,9 @@ def run_benchmark(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, l
     output = tmp_path / "speed.md"
     command = [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), *TINY,
                "--models-dir", str(tmp_path / "models"), "--output", str(output), *flags]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # one OpenMP thread: on a shared, loaded CPU two spinning threads made a tiny step 70x slower (23 s against 0.3 s)
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in output.read_text().splitlines()
             if line.startswith("| ") and "---" not in line]
@@ -56,6 +58,21 @@ def test_fast_rows_check_parity_and_compare_with_eager_rocm_kl(tmp_path):
         assert float(row["speed vs eager rocm_kl"].rstrip("x")) > 0
     printed = [line for line in result.stdout.splitlines() if "fast path vs eager, max relative difference" in line]
     assert len(printed) == 2
+
+
+@pytest.mark.slow
+def test_each_base_gets_its_rows(tmp_path):
+    """--base builds the base's tiny models (tests/tiny_world.build_bases; the SDXL base once, for both its LCMs) and
+    times the step on it, at the base's guidance: w-conditioned, or classifier-free for the LCM-LoRAs."""
+    guidance = {"sd_lcm_lora": "guidance 2, classifier-free", "sdxl_lcm_unet": "guidance 8.5, w-conditioned",
+                "sdxl_lcm_lora": "guidance 2, classifier-free"}
+    for base, words in guidance.items():
+        result, rows = run_benchmark(tmp_path, "--base", base, "--batch-sizes", "1", "--scripts", "rocm_kl")
+        assert [(row["base"], row["script"], int(row["batch"])) for row in rows] == [(base, "rocm_kl", 1)]
+        assert float(rows[0]["ms / image"]) > 0 and float(rows[0]["GFLOP / image"]) > 0
+        assert f"base {base} ({words}" in (tmp_path / "speed.md").read_text()
+    assert sorted(path.name for path in (tmp_path / "models" / "tiny").iterdir()) == \
+        ["clip", "lcm_lora_sd", "lcm_lora_sdxl", "lcm_sdxl_unet", "sd_base", "sdxl_base"]
 
 
 def test_unknown_script_is_a_one_line_error(tmp_path):

@@ -53,6 +53,38 @@ SIZES = {
         projection_dim=1024, aesthetic_projection_dim=768,
     ),
 }
+# the bases of build_bases per size. "real" follows the hub configs of runwayml/stable-diffusion-v1-5 (SIZES' SD1.5
+# UNet, not w-conditioned), stabilityai/stable-diffusion-xl-base-1.0 (UNet, CLIP ViT-L and OpenCLIP bigG text encoders,
+# VAE) and latent-consistency/lcm-sdxl (the SDXL UNet plus time_cond_proj_dim 256); the text encoders' embedding tables
+# have the byte tokenizer's vocabulary, as build_pipeline's. sdxl_unet is the LCM's (the base's has no
+# time_cond_proj_dim); sdxl_vae and text_2 None: the SD1.5 base's VAE and the first text encoder's config.
+BASE_SIZES = {
+    "tiny": dict(
+        sd_unet={**SIZES["tiny"]["unet"], "sample_size": 16, "time_cond_proj_dim": None},
+        sdxl_unet={**SIZES["tiny"]["unet"], "sample_size": 16, "cross_attention_dim": 2 * TEXT_DIM,
+                   "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                   "projection_class_embeddings_input_dim": TEXT_DIM + 6 * 8},
+        vae=dict(sample_size=RESOLUTION, **SIZES["tiny"]["vae"]), sdxl_vae=None,
+        text=dict(projection_dim=TEXT_DIM, **SIZES["tiny"]["text"]), text_2=None, lora_rank=4,
+    ),
+    "real": dict(
+        sd_unet={**SIZES["real"]["unet"], "sample_size": 64, "time_cond_proj_dim": None},
+        sdxl_unet=dict(layers_per_block=2, block_out_channels=(320, 640, 1280),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                       use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128,
+                       time_cond_proj_dim=256),
+        vae=dict(sample_size=512, **SIZES["real"]["vae"]),
+        sdxl_vae=dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True, **SIZES["real"]["vae"]),
+        text=dict(projection_dim=768, **SIZES["real"]["text"]),  # CLIP ViT-L/14 (quick_gelu, the config's default)
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    projection_dim=1280, hidden_act="gelu"),  # OpenCLIP ViT-bigG/14
+        lora_rank=64,
+    ),
+}
+BASE_NAMES = ("sd_base", "sdxl_base", "lcm_sdxl_unet", "lcm_lora_sd", "lcm_lora_sdxl")
 PROMPTS = ("a red apple on a table", "a blue bird in the sky", "a green field at dawn", "a cat")
 
 
@@ -138,40 +170,52 @@ def build_tiny_world(root: Path, size: str = "tiny") -> dict[str, Path]:
     return paths
 
 
-def build_bases(root: Path, seed: int = 3) -> dict[str, Path]:
-    """The few-step bases beside the LCM pipeline, tiny: an SD1.5 and an SDXL base pipeline (UNets without
+def build_bases(root: Path, seed: int = 3, size: str = "tiny", names: tuple[str, ...] = BASE_NAMES) -> dict[str, Path]:
+    """The few-step bases beside the LCM pipeline (BASE_SIZES[size]): an SD1.5 and an SDXL base pipeline (UNets without
     w-conditioning, their own schedulers: PNDM, EulerDiscrete), an LCM-LoRA for each, and a UNet-only SDXL LCM
-    (w-conditioned, as latent-consistency/lcm-sdxl)."""
+    (w-conditioned, as latent-consistency/lcm-sdxl); size "real": their real architectures, random weights (an SDXL
+    UNet is 10 GB in fp32). names: build only these (an LCM-LoRA without its base is written for a UNet of the base's
+    architecture that is not saved); random weights differ from the full build's then."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    root = Path(root)
-    sizes = SIZES["tiny"]
+    root, want, sizes = Path(root), set(names), BASE_SIZES[size]
     torch.manual_seed(seed)
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, **sizes["vae"])
+    channels = dict(in_channels=3, out_channels=3, latent_channels=4)
+    vae = AutoencoderKL(**channels, **sizes["vae"])
     vocab_size = write_char_tokenizer(root / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    text = CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                          pad_token_id=1, projection_dim=TEXT_DIM, **sizes["text"])
-    sd_unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4,
-                                   **{**sizes["unet"], "time_cond_proj_dim": None})
-    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=sd_unet,
-                            scheduler=PNDMScheduler(**schedule, skip_prk_steps=True, steps_offset=1), safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(root / "sd_base")
-    sdxl_unet = dict(sample_size=16, in_channels=4, out_channels=4, addition_embed_type="text_time",
-                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8,
-                     **{**sizes["unet"], "cross_attention_dim": 2 * TEXT_DIM})
-    StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text), text_encoder_2=CLIPTextModelWithProjection(text),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=UNet2DConditionModel(**{**sdxl_unet, "time_cond_proj_dim": None}),
-        scheduler=EulerDiscreteScheduler(**schedule, timestep_spacing="leading", steps_offset=1),
-        add_watermarker=False).save_pretrained(root / "sdxl_base")
-    UNet2DConditionModel(**sdxl_unet).save_pretrained(root / "lcm_sdxl_unet")
-    for name, unet in (("sd", sd_unet), ("sdxl", UNet2DConditionModel.from_pretrained(root / "sdxl_base/unet"))):
-        write_lora(unet, root / f"lcm_lora_{name}", scale=0.1)
-    return {name: root / name for name in ("sd_base", "sdxl_base", "lcm_sdxl_unet", "lcm_lora_sd", "lcm_lora_sdxl")}
+    text, text_2 = (CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                   pad_token_id=1, **config)
+                    for config in (sizes["text"], sizes["text_2"] or sizes["text"]))
+    sd_unet = UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["sd_unet"]) \
+        if want & {"sd_base", "lcm_lora_sd"} else None
+    if "sd_base" in want:
+        StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=sd_unet,
+                                scheduler=PNDMScheduler(**schedule, skip_prk_steps=True, steps_offset=1),
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(root / "sd_base")
+    sdxl_unet = dict(in_channels=4, out_channels=4, **sizes["sdxl_unet"])
+    sdxl_base_unet = {**sdxl_unet, "time_cond_proj_dim": None}
+    if "sdxl_base" in want:
+        StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**channels, **sizes["sdxl_vae"]) if sizes["sdxl_vae"] else vae,
+            text_encoder=CLIPTextModel(text), text_encoder_2=CLIPTextModelWithProjection(text_2),
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=UNet2DConditionModel(**sdxl_base_unet),
+            scheduler=EulerDiscreteScheduler(**schedule, timestep_spacing="leading", steps_offset=1),
+            add_watermarker=False).save_pretrained(root / "sdxl_base")
+    if "lcm_sdxl_unet" in want:
+        UNet2DConditionModel(**sdxl_unet).save_pretrained(root / "lcm_sdxl_unet")
+    # random LCM-LoRAs on the attention projections; the real ones are rank 64 on more modules (the feed-forward and
+    # ResNet layers too): rank 64 here at real size, which is enough to time a fused LoRA (it costs nothing once fused)
+    unets = {"sd": lambda: sd_unet, "sdxl": lambda: UNet2DConditionModel.from_pretrained(root / "sdxl_base/unet")
+             if "sdxl_base" in want else UNet2DConditionModel(**sdxl_base_unet)}
+    for name, unet in unets.items():
+        if f"lcm_lora_{name}" in want:
+            write_lora(unet(), root / f"lcm_lora_{name}", scale=0.1, rank=sizes["lora_rank"])
+    return {name: root / name for name in BASE_NAMES if name in want}
 
 
 def write_lora(unet, directory: Path, scale: float, rank: int = 4) -> None:
