@@ -3,12 +3,10 @@
 Seed: "Aligning Consistency Models by Preference Optimization" (no public code; this is the first implementation).
 Each LCM step but the last is a Gaussian policy N(a_k f(x_k), s_k^2 I) (f_ref: the UNet with its LoRA off). On a
 winner chain w and a loser chain l of one prompt, from OnlinePairs or OfflinePairs (derivation: docs/cm_dpo.md):
-
     L     = -log sigmoid(beta * sum_k [r_k(w) - r_k(l)]) + con_weight * L_con         dpo_loss, CmDpoObjective
     r_k   = w_k / 2D * (||x_{k-1} - a_k f_ref(x_k)||^2 - ||x_{k-1} - a_k f(x_k)||^2)   step_log_ratio
     w_k   = 1 / max(s_k^2, eps^2), the seed's weighting: the step's precision, floored  step_weight
     L_con = d(f(x_{t_{n+1}}), stopgrad f_target(x_{t_n})) on adjacent grid timesteps    consistency_loss
-
 r_k averages over the D latent dims (one beta at any resolution); the seed's term (--dpo-form seed) pushes WINNERS away.
 
 Run (GPU):  python cm_dpo.py --reward pickscore --train-steps 2000 --track   (or --pairs offline --pairs-file F.jsonl)
@@ -133,6 +131,8 @@ class Args:
     """held-out evaluation prompts, one per line (unset: the repo's prompts/eval.txt)"""
     eval_batch_size: int = 8
     """images per batch during evaluation"""
+    eval_samples_per_prompt: int = 2
+    """samples per held-out prompt, each from its own chain noise; eval/diversity compares them (2 or more)"""
     save_every: int = 0
     """save a resumable checkpoint (LoRA + optimizer state) every this many optimizer steps (0: never)"""
     checkpoint_limit: int = 3
@@ -735,14 +735,18 @@ class Run:
     @torch.no_grad()
     def evaluate(self, step: int, sample, models, prompts: list[str], rewards: dict, latent_shape: tuple,
                  num_steps: int) -> None:
-        """Sample the held-out prompts with fixed noise (sample: the script's chain to the final latents), score
-        them with every evaluation reward, log the means, save the grid."""
+        """Sample each held-out prompt --eval-samples-per-prompt times with fixed noise (sample: the script's chain to
+        the final latents), score them with every evaluation reward, log the means and the diversity, save the grid."""
         if self.is_main:
             encode, vae, unet = models
             unet.eval()
             generator = torch.Generator(self.device).manual_seed(self.args.seed + 1_000_003)
             images = []
             scores = {f"eval/{name}": [] for name in rewards}
+            clip = next((reward for reward in rewards.values() if hasattr(reward, "image_embeds")), None)
+            clip_embeds = []
+            samples = self.args.eval_samples_per_prompt
+            prompts = [prompt for prompt in prompts for _ in range(samples)]  # side by side, each its own chain noise
             for reward in rewards.values():  # kept on the CPU between evaluations
                 reward.to(self.device)
             for start in range(0, len(prompts), self.args.eval_batch_size):
@@ -755,10 +759,16 @@ class Run:
                     batch_images = decode(vae, sample(latents, noises, embeds, w))
                     for name, reward in rewards.items():
                         scores[f"eval/{name}"].append(reward(batch_images, batch).float().cpu())
+                    if clip is not None:
+                        clip_embeds.append(clip.image_embeds(batch_images).cpu())
                 images.append(batch_images.cpu())
             for reward in rewards.values():
                 reward.to("cpu")
             self.scores = {name: torch.cat(values).mean().item() for name, values in scores.items()}
+            if clip is not None and samples > 1:  # reward hacking collapses a prompt's samples towards one image
+                self.scores["eval/diversity"] = clip.diversity(torch.cat(clip_embeds), samples)
+            elif step == 0:  # said once, at the base's evaluation
+                print("eval/diversity skipped: it needs a CLIP-based evaluation reward and 2+ samples per prompt")
             self.example_prompt = prompts[0]
             print(f"eval {self.unit} {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
             grid = self.run_dir / "samples" / f"step_{step:06d}.png"
@@ -897,7 +907,7 @@ def write_model_card(directory: Path, args, scores: dict, prompt: str) -> None:
         f"---\nbase_model: {args.model}\nlibrary_name: diffusers\ntags: [lora, latent-consistency-model]\n---\n\n"
         f"# {directory.parent.name}\n\nA LoRA for `{args.model}`, trained by `{Path(__file__).name}` "
         f"({__doc__.splitlines()[0]}); every flag is in `args.json`.\n\n"
-        f"| held-out reward | mean |\n|---|---|\n{table}\n```python\n"
+        f"| held-out metric | mean |\n|---|---|\n{table}\n```python\n"
         f"from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel\n\n{unet}"
         f"pipe = DiffusionPipeline.from_pretrained({json.dumps(args.model)}{', unet=unet' if unet else ''})\n"
         f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n{lcm_lora}"
@@ -1065,8 +1075,9 @@ def validate_shared(args, problems: list) -> None:
     """Stop with one line, before anything loads, at the first impossible setting: the shared flags', then the
     script's own (condition, message) pairs."""
     values = {name.replace("_", "-"): value for name, value in asdict(args).items()}
-    positive = ["num-inference-steps", "train-steps", "batch-size", "eval-batch-size", "lr", "lora-rank",
-                "lora-alpha", "max-grad-norm", "resolution", "log-every", "checkpoint-limit", "max-nonfinite-steps"]
+    positive = ["num-inference-steps", "train-steps", "batch-size", "eval-batch-size", "eval-samples-per-prompt", "lr",
+                "lora-rank", "lora-alpha", "max-grad-norm", "resolution", "log-every", "checkpoint-limit",
+                "max-nonfinite-steps"]
     specs = [spec.partition("=") for spec in (args.reward, *args.eval_rewards)]
     unknown = next((name for name, _, _ in specs if name not in REWARDS), None)
     local = [path for name, _, path in specs if path and name != "imagereward"]  # imagereward's is a file

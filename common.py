@@ -238,6 +238,15 @@ class ClipReward(nn.Module):
         embeds = getattr(embeds, "pooler_output", embeds)
         return F.normalize(embeds.float(), dim=-1)
 
+    @staticmethod
+    def diversity(image_embeds: torch.Tensor, samples_per_prompt: int) -> float:
+        """Mean pairwise cosine distance (1 - cos) between the samples of each prompt, in [0, 2]: 0 when they are
+        alike. image_embeds: (prompts x samples_per_prompt, D), a prompt's samples in a row. For n unit vectors u
+        the mean over pairs is n / (n - 1) (1 - |mean u|^2), so no n x n matrix is needed."""
+        unit = F.normalize(image_embeds.double(), dim=-1).unflatten(0, (-1, samples_per_prompt))
+        spread = 1 - unit.mean(1).square().sum(-1)
+        return (samples_per_prompt / (samples_per_prompt - 1) * spread).mean().clamp(0, 2).item()
+
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         device = next(self.clip.parameters()).device
         max_length = min(self.tokenizer.model_max_length, self.clip.config.text_config.max_position_embeddings)

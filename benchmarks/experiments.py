@@ -259,7 +259,7 @@ def read_curves(run_dir: Path) -> dict[str, list[float]]:
     time_at, images_at, elapsed = {0: 0.0}, {0: 0}, 0.0
     curves: dict[str, list[float]] = {"train_step": [], "train_time": [], "train_images": [], "train_reward": [],
                                       "eval_step": [], "eval_time": [], "eval_images": [], "eval_clipscore": [],
-                                      "eval_aesthetic": [], "train_kl": []}
+                                      "eval_aesthetic": [], "eval_diversity": [], "train_kl": []}
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     for row in rows:
         if "perf/step_time_s" in row:
@@ -274,7 +274,8 @@ def read_curves(run_dir: Path) -> dict[str, list[float]]:
         if "eval/clipscore" in row:
             for key, value in (("eval_step", row["step"]), ("eval_time", time_at.get(row["step"], math.nan)),
                                ("eval_images", images_at.get(row["step"], math.nan)),
-                               ("eval_clipscore", row["eval/clipscore"]), ("eval_aesthetic", row["eval/aesthetic"])):
+                               ("eval_clipscore", row["eval/clipscore"]), ("eval_aesthetic", row["eval/aesthetic"]),
+                               ("eval_diversity", row.get("eval/diversity", math.nan))):  # nan: a run older than it
                 curves[key].append(value)
     return curves
 

@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-from common import DIVERGENCES, gaussian_divergence, load_reward, missing_local_directory
+from common import DIVERGENCES, ClipReward, gaussian_divergence, load_reward, missing_local_directory
 
 CLOSED_FORMS = [name for name in DIVERGENCES if name != "none"]
 NUM_SAMPLES = 400_000
@@ -192,6 +192,20 @@ def test_differentiable_rewards_have_finite_nonzero_image_gradients(tiny, name):
     (grad,) = torch.autograd.grad(scores.sum(), images)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert not any(p.requires_grad for p in reward.parameters())
+
+
+def test_diversity_is_the_mean_pairwise_cosine_distance_in_0_2():
+    """eval/diversity's measure: 0 for identical samples, 2 for opposite ones, else the pairs' mean of 1 - cos."""
+    embeds = torch.randn(5 * 3, 8, generator=torch.Generator().manual_seed(0))  # 5 prompts x 3 samples
+    per_prompt = torch.nn.functional.normalize(embeds, dim=-1).view(5, 3, 8)
+    pairs = [1 - (p[i] @ p[j]) for p in per_prompt for i in range(3) for j in range(3) if i != j]
+    assert ClipReward.diversity(embeds, 3) == pytest.approx(torch.stack(pairs).mean().item(), abs=1e-6)
+    assert 0 < ClipReward.diversity(embeds, 3) < 2
+    same = embeds[::3].repeat_interleave(4, 0)  # each prompt's 4 samples alike
+    assert ClipReward.diversity(same, 4) == pytest.approx(0.0, abs=1e-9)
+    assert ClipReward.diversity(3 * same, 4) == pytest.approx(0.0, abs=1e-9)  # scale does not matter
+    opposite = torch.stack([embeds[:5], -2 * embeds[:5]], 1).flatten(0, 1)
+    assert ClipReward.diversity(opposite, 2) == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("name", ["pickscore", "hpsv2", "clipscore"])

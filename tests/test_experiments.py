@@ -184,3 +184,17 @@ def test_only_the_full_default_call_writes_the_committed_results():
     assert experiments.results_dir(Args(seeds=(0,))) == "benchmarks/results/partial"
     assert experiments.results_dir(Args(experiments=("beta_sweep",))) == "benchmarks/results/partial"
     assert experiments.results_dir(Args(seeds=(0,), out="somewhere")) == "somewhere"
+
+
+def test_the_diversity_table_has_a_row_per_evaluation_step_and_each_betas_columns():
+    from benchmarks import diversity
+
+    def run(values):
+        return {"eval_step": [0, 5], "eval_diversity": values, "eval_clipscore": [2.0, 1.0],
+                "eval_aesthetic": [0.1, 2.0]}
+
+    table = diversity.report({0.0: [run([0.06, 0.01]), run([0.06, 0.03])], 0.03: [run([0.06, 0.05])]}, (0, 1))
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| step | beta=0: diversity | beta=0: CLIP score (held out) |")
+    assert rows[1:] == ["| 0 | 0.060 | 2.000 | 0.100 | 0.060 | 2.000 | 0.100 |",
+                        "| 5 | 0.020 | 1.000 | 2.000 | 0.050 | 1.000 | 2.000 |"]

@@ -424,7 +424,7 @@ def test_weights_that_evaluate_to_non_finite_scores_leave_no_final(tiny, tmp_pat
                         "has finite weights", line), line
     run_dir = run_dir_of(result.stdout)
     assert not (run_dir / "final").exists()
-    assert {"step": 1, "eval/clipscore": None} in strict_json_lines(run_dir / "metrics.jsonl")
+    assert {"step": 1, "eval/clipscore": None, "eval/diversity": None} in strict_json_lines(run_dir / "metrics.jsonl")
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def test_track_offline_model_card_cost_and_resume(tiny, tmp_path):
     card = (final / "README.md").read_text()
     first_eval_prompt = tiny["prompts"].read_text().splitlines()[0]
     for field in (f"base_model: {tiny['lcm']}", "`rocm_kl.py`", "clipscore | ",
-                  f"LatentConsistencyModelPipeline.from_pretrained({json.dumps(str(tiny['lcm']))})",
+                  f"DiffusionPipeline.from_pretrained({json.dumps(str(tiny['lcm']))})",
                   f"load_lora_weights({json.dumps(str(final))})", f"pipe({json.dumps(first_eval_prompt)}, "
                   "num_inference_steps=4"):
         assert field in card, (field, card)
@@ -158,3 +158,28 @@ def test_help_has_a_description_and_single_defaults(script):
     summary = (REPO / script).read_text().split('"""')[1].split("\n\n")[0].strip()
     assert summary in result.stdout
     assert not [line for line in result.stdout.splitlines() if line.count("(default:") > 1]
+
+
+def test_eval_diversity_is_logged_at_step_0_and_the_end_or_skipped_with_one_line(tiny, tmp_path, capsys,
+                                                                                 one_torch_thread):
+    """eval/diversity, the spread of the held-out samples of a prompt (2 per prompt by default), comes with the base's
+    evaluation and the final one; with no CLIP-based evaluation reward one line says it is skipped."""
+    import tyro
+
+    import rocm_kl
+
+    flags = [*tiny_args(tiny, steps=1), "--device", "cpu", "--mixed-precision", "no", "--output-dir",
+             str(tmp_path / "runs")]
+    rocm_kl.main(tyro.cli(rocm_kl.Args, args=flags))
+    output = capsys.readouterr().out
+    records = [json.loads(line) for line in (run_dir_of(output) / "metrics.jsonl").read_text().splitlines()]
+    diversity = {record["step"]: record["eval/diversity"] for record in records if "eval/diversity" in record}
+    assert list(diversity) == [0, 1] and all(0 < value <= 2 for value in diversity.values()), diversity
+    assert "skipped" not in output
+
+    flags[flags.index("--eval-rewards") + 1] = "jpeg_compressibility"
+    rocm_kl.main(tyro.cli(rocm_kl.Args, args=flags))
+    output = capsys.readouterr().out
+    assert [line for line in output.splitlines() if "eval/diversity" in line] == [
+        "eval/diversity skipped: it needs a CLIP-based evaluation reward and 2+ samples per prompt"]
+    assert "eval/diversity" not in (run_dir_of(output) / "metrics.jsonl").read_text()

@@ -23,6 +23,7 @@ SCRIPTS = ["rocm_kl", "rocm_fdiv", "rlcm_ppo", "cm_dpo"]
     (["--log-every", "0"], "--log-every must be > 0"),
     (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
     (["--checkpoint-limit", "0"], "--checkpoint-limit must be > 0"),
+    (["--eval-samples-per-prompt", "0"], "--eval-samples-per-prompt must be > 0 (got 0)"),
     (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be > 0 (got 0)"),  # before, step 1 stopped the run
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0 (got -0.1)"),
     (["--eval-every", "-1"], "--eval-every must be >= 0"),
