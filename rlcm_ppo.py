@@ -726,10 +726,7 @@ class Run:
             self.example_prompt = prompts[0]
             print(f"eval {self.unit} {step}: " + " ".join(f"{k}={v:.4f}" for k, v in self.scores.items()))
             grid = self.run_dir / "samples" / f"step_{step:06d}.png"
-            try:  # a full disk here must not end the run
-                save_image_grid(torch.cat(images), grid)
-            except OSError as error:
-                print(f"warning: could not write {grid} ({first_line(error)})")
+            save_image_grid(torch.cat(images), grid)
             self.log(self.scores, step, {"eval/samples": self.wandb.Image(str(grid))} if self.wandb else None)
         if self.world_size > 1:
             dist.barrier()
@@ -757,10 +754,7 @@ class Run:
             if not all(math.isfinite(value) for value in self.scores.values()):
                 shutil.rmtree(final)
                 self.stop("the LoRA gives non-finite evaluation scores, so final/ is removed")
-            try:
-                write_model_card(final, self.args, self.scores, self.example_prompt)
-            except OSError as error:
-                print(f"warning: no model card ({first_line(error)}); the LoRA is saved")
+            write_model_card(final, self.args, self.scores, self.example_prompt)
             print(f"saved {final}; evaluate it: python benchmarks/evaluate.py --lora {final}")
             if self.wandb:
                 self.wandb.finish()
@@ -841,13 +835,9 @@ def save_lora(unet, directory: Path, args, training_state: Optional[dict] = None
 
 
 def save_checkpoint(run_dir: Path, unet, args, state: dict) -> None:
-    """checkpoints/step_N, keeping the newest --checkpoint-limit; a failed save (disk full) warns."""
+    """checkpoints/step_N, keeping the newest --checkpoint-limit."""
     target = run_dir / "checkpoints" / f"step_{state['step']:06d}"
-    try:
-        save_lora(unet, target, args, state)
-    except Exception as error:  # disk full comes as OSError or as the writer's own error type
-        print(f"warning: could not save {target} ({first_line(error)}); training goes on")
-        return
+    save_lora(unet, target, args, state)
     for old in sorted(target.parent.glob("step_*[0-9]"))[:-args.checkpoint_limit]:
         shutil.rmtree(old)
 
@@ -912,9 +902,8 @@ def load_lcm(args, device: torch.device, weight_dtype: torch.dtype):
         as one more token, so that the algorithms' batch operations carry it too (unet_inputs takes it out)."""
         outputs = []
         for tokenizer, text_encoder in zip(tokenizers, text_encoders):
-            tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                               return_tensors="pt")
-            outputs.append(text_encoder(tokens.input_ids.to(device), output_hidden_states=sdxl))
+            ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids  # to 77
+            outputs.append(text_encoder(ids.to(device), output_hidden_states=sdxl))
         if not sdxl:
             return outputs[0][0]
         states = torch.cat([output.hidden_states[-2] for output in outputs], -1)
@@ -929,8 +918,7 @@ def load_lcm(args, device: torch.device, weight_dtype: torch.dtype):
             negative = torch.zeros_like(negative)
 
     def unet_inputs(unet, inputs: tuple, kwargs: dict):
-        """What the SDXL and classifier-free pipelines add to the chain's UNet call: the unconditional half of the
-        batch first, no w embedding (guidance_embedding's is empty here), SDXL's pooled embedding and size ids."""
+        """The SDXL and classifier-free pipelines' additions to a UNet call (the unconditional half first)."""
         x, t = inputs
         embeds = kwargs["encoder_hidden_states"]
         if negative is not None:
@@ -942,7 +930,7 @@ def load_lcm(args, device: torch.device, weight_dtype: torch.dtype):
             pooled = embeds[:, -1, :text_encoders[1].config.projection_dim]
             kwargs["added_cond_kwargs"] = dict(text_embeds=pooled, time_ids=sizes.to(x.device).expand(len(x), 6))
             embeds = embeds[:, :-1]
-        timestep_cond = kwargs["timestep_cond"] if w_conditioned else None
+        timestep_cond = kwargs["timestep_cond"] if w_conditioned else None  # w-less: guidance_embedding is empty
         return (x, t), {**kwargs, "encoder_hidden_states": embeds, "timestep_cond": timestep_cond}
 
     def guide(unet, inputs: tuple, output) -> None:

@@ -4,7 +4,6 @@ checkpoints and the final LoRA, Ctrl-C and out of memory. The fast tests drive R
 main drives it, without loading an LCM; the slow ones train the tiny world."""
 
 import dataclasses
-import errno
 import hashlib
 import importlib
 import json
@@ -239,37 +238,17 @@ def test_two_runs_started_in_the_same_second_get_two_directories(tmp_path, monke
 
 # --- saving -------------------------------------------------------------------------------------------------------
 
-def disk_full_under(directory: Path, monkeypatch) -> None:
-    """Every safetensors file written under directory fails as on a full disk."""
-    import safetensors.torch
-
-    real = safetensors.torch.save_file
-
-    def save_file(tensors, filename, *args, **kwargs):
-        if str(filename).startswith(str(directory)):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, *args, **kwargs)
-
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-
-
-def test_a_failed_checkpoint_save_removes_its_temporary_directory_and_training_goes_on(tmp_path, small_unet,
-                                                                                          monkeypatch, capsys):
+def test_a_save_interrupted_by_a_kill_does_not_block_the_next(tmp_path, small_unet):
+    """A kill during a save leaves NAME.tmp behind; the next save of that name writes over it."""
     run = begun(cpu_args(tmp_path, save_every=1), small_unet)
     train(run, small_unet, [1])
     checkpoints = run.run_dir / "checkpoints"
-    with monkeypatch.context() as patch:
-        disk_full_under(run.run_dir, patch)
-        train(run, small_unet, [2])
-    assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"warning: could not save {checkpoints / 'step_000002'} ([Errno 28] No space left on device); training goes on")
-    assert checkpoint_names(run.run_dir) == ["step_000001"]  # no step_000002.tmp to block the next save
-    leftover = checkpoints / "step_000003.tmp"  # what a kill during a save leaves
+    leftover = checkpoints / "step_000002.tmp"
     leftover.mkdir()
     (leftover / "training_state.pt").write_bytes(b"partial")
-    train(run, small_unet, [3])
-    assert checkpoint_names(run.run_dir) == ["step_000001", "step_000003"]
-    assert torch.load(checkpoints / "step_000003" / "training_state.pt", weights_only=True)["step"] == 3
+    train(run, small_unet, [2])
+    assert checkpoint_names(run.run_dir) == ["step_000001", "step_000002"]
+    assert torch.load(checkpoints / "step_000002" / "training_state.pt", weights_only=True)["step"] == 2
 
 
 def test_an_interrupted_save_keeps_the_previous_lora(tmp_path, small_unet, monkeypatch):
@@ -445,25 +424,12 @@ def test_ctrl_c_during_training_is_one_line(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_final_lora_is_saved_before_its_evaluation_and_a_full_disk_there_only_warns(tiny, tmp_path, monkeypatch,
-                                                                                        capsys, one_torch_thread):
+def test_the_final_lora_is_saved_before_its_evaluation(tiny, tmp_path, monkeypatch, one_torch_thread):
     grids = []
 
-    def disk_full_grid(images, path):
+    def record_grid(images, path):
         grids.append((path.name, (path.parent.parent / "final" / "pytorch_lora_weights.safetensors").is_file()))
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def disk_full_card(*args):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(rocm_kl, "save_image_grid", disk_full_grid)
-    monkeypatch.setattr(rocm_kl, "write_model_card", disk_full_card)
+    monkeypatch.setattr(rocm_kl, "save_image_grid", record_grid)
     rocm_kl.main(tyro.cli(rocm_kl.Args, args=tiny_run_flags(tiny, tmp_path, 1)))
     assert grids == [("step_000000.png", False), ("step_000001.png", True)]
-    output = capsys.readouterr().out
-    run_dir = run_dir_of(output)
-    assert f"warning: could not write {run_dir / 'samples' / 'step_000001.png'} ([Errno 28] No space left on " \
-           "device)" in output
-    assert [line for line in output.splitlines() if "model card" in line] == [
-        "warning: no model card ([Errno 28] No space left on device); the LoRA is saved"]
-    assert sorted(p.name for p in (run_dir / "final").iterdir()) == ["args.json", "pytorch_lora_weights.safetensors"]
