@@ -732,13 +732,16 @@ class Run:
             dist.barrier()
 
     def save(self, step: int, **extra) -> None:
-        """A checkpoint when one is due (extra: the script's own state), never after a non-finite loss."""
+        """checkpoints/step_N when one is due (extra: the script's own state), never after a non-finite loss."""
         if self.args.save_every and step % self.args.save_every == 0 and not self.in_a_row and self.is_main:
             lora = {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
             state = dict(step=step, lora=lora, optimizer=self.optimizer.state_dict(), script=Path(__file__).name,
                          grad_scaler=self.grad_scaler.state_dict(), args=self.record,
                          elapsed_s=time.time() - self.started, **extra)
-            save_checkpoint(self.run_dir, self.unet, self.args, state)
+            target = self.run_dir / "checkpoints" / f"step_{step:06d}"
+            save_lora(self.unet, target, self.args, state)
+            for old in sorted(target.parent.glob("step_*[0-9]"))[:-self.args.checkpoint_limit]:  # the newest stay
+                shutil.rmtree(old)
         if self.world_size > 1:
             dist.barrier()
 
@@ -832,14 +835,6 @@ def save_lora(unet, directory: Path, args, training_state: Optional[dict] = None
         raise
     shutil.rmtree(directory, ignore_errors=True)  # only final/ is written twice (a finished run, resumed)
     tmp.rename(directory)
-
-
-def save_checkpoint(run_dir: Path, unet, args, state: dict) -> None:
-    """checkpoints/step_N, keeping the newest --checkpoint-limit."""
-    target = run_dir / "checkpoints" / f"step_{state['step']:06d}"
-    save_lora(unet, target, args, state)
-    for old in sorted(target.parent.glob("step_*[0-9]"))[:-args.checkpoint_limit]:
-        shutil.rmtree(old)
 
 
 def write_model_card(directory: Path, args, scores: dict, prompt: str) -> None:

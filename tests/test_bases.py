@@ -71,6 +71,32 @@ def test_the_chain_is_bit_exact_with_the_diffusers_pipeline(bases, base, guidanc
     assert torch.equal(ours, pipeline_samples(pipe, guidance_scale, num_steps))
 
 
+@pytest.mark.parametrize("base", ["sd", "sdxl"])
+def test_the_hub_format_lcm_lora_is_fused_into_every_layer_it_names_at_its_alpha(bases, base):
+    """The tiny LCM-LoRAs are written as the hub's are (kohya-style keys, alpha 8 at rank 4). Each fused weight must be
+    the base's plus alpha / rank * up @ down: a loader that skipped keys or alphas could still match a pipeline that
+    did the same, so this checks what was fused against the file itself."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    model, lcm_lora = bases[f"{base}_base"], bases[f"lcm_lora_{base}"]
+    lora = load_file(lcm_lora / "pytorch_lora_weights.safetensors")
+    args = rocm_kl.Args(model=str(model), lcm_lora=str(lcm_lora), resolution=32)
+    fused = dict(rocm_kl.load_lcm(args, torch.device("cpu"), torch.float32)[2].named_modules())
+    checked = set()
+    for name, module in UNet2DConditionModel.from_pretrained(model, subfolder="unet").named_modules():
+        key = "lora_unet_" + name.replace(".", "_")
+        if f"{key}.alpha" in lora:
+            down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
+            delta = torch.einsum("or,ri...->oi...", up.flatten(1), down)  # a conv's up is (out, rank, 1, 1)
+            expected = module.weight + lora[f"{key}.alpha"] / down.shape[0] * delta
+            torch.testing.assert_close(fused[name].weight, expected)
+            checked.add(key)
+    assert checked == {key.split(".")[0] for key in lora}
+    for kind in ("to_q", "to_out_0", "proj_in", "ff_net_2", "conv1", "time_emb_proj", "downsamplers_0_conv"):
+        assert any(key.endswith(kind) for key in checked), kind
+
+
 def test_a_unet_without_guidance_input_gets_one_warning_unless_an_lcm_lora_is_fused(bases, capsys):
     """A base that is not w-conditioned may not be a consistency model; one fused in by an LCM-LoRA, or an
     already fused checkpoint, is: so a warning naming both fixes, not a refusal."""

@@ -81,7 +81,7 @@ def test_shared_pieces_are_byte_identical_copies():
         definitions[script] = {name: ast.get_source_segment(text, node)
                                for name, node in top_level_definitions(tree).items()}
     shared = set.intersection(*(set(names) for names in definitions.values())) - OWN_DEFINITIONS
-    assert {"consistency_fn", "lcm_schedule", "decode", "Run", "load_lcm", "save_checkpoint"} <= shared
+    assert {"consistency_fn", "lcm_schedule", "decode", "Run", "load_lcm", "save_lora"} <= shared
     drifted = sorted(name for name in shared if len({definitions[script][name] for script in SCRIPTS}) > 1)
     assert not drifted, f"defined in all four scripts but not identical: {drifted}"
     assert len(set(texts.values())) == 1, "the shared infrastructure block differs between the scripts"

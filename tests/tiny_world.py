@@ -208,8 +208,7 @@ def build_bases(root: Path, seed: int = 3, size: str = "tiny", names: tuple[str,
             add_watermarker=False).save_pretrained(root / "sdxl_base")
     if "lcm_sdxl_unet" in want:
         UNet2DConditionModel(**sdxl_unet).save_pretrained(root / "lcm_sdxl_unet")
-    # random LCM-LoRAs on the attention projections; the real ones are rank 64 on more modules (the feed-forward and
-    # ResNet layers too): rank 64 here at real size, which is enough to time a fused LoRA (it costs nothing once fused)
+    # random LCM-LoRAs on the real ones' modules, rank 64 at real size as theirs (a fused LoRA costs nothing to time)
     unets = {"sd": lambda: sd_unet, "sdxl": lambda: UNet2DConditionModel.from_pretrained(root / "sdxl_base/unet")
              if "sdxl_base" in want else UNet2DConditionModel(**sdxl_base_unet)}
     for name, unet in unets.items():
@@ -218,21 +217,33 @@ def build_bases(root: Path, seed: int = 3, size: str = "tiny", names: tuple[str,
     return {name: root / name for name in BASE_NAMES if name in want}
 
 
+# the modules that diffusers' LCM-LoRA distillation scripts target; their LoraConfig kept peft's default alpha, 8
+LCM_LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+LCM_LORA_ALPHA = 8
+
+
 def write_lora(unet, directory: Path, scale: float, rank: int = 4) -> None:
-    """A random LoRA on unet's attention projections (B nonzero, so that it changes the UNet), in the diffusers
-    format; the UNet is left as it was."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """A random LoRA (B nonzero, so that it changes the UNet) in the hub LCM-LoRAs' format: one
+    pytorch_lora_weights.safetensors of kohya-style keys, lora_unet_<module path, dots as _>.lora_down.weight,
+    .lora_up.weight and .alpha, which diffusers converts on load. The UNet is left as it was."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=LCM_LORA_ALPHA, target_modules=LCM_LORA_MODULES))
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, scale)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        directory, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    kohya = {}
+    for key, value in get_peft_model_state_dict(unet).items():  # "<module path>.lora_A.weight"
+        module, _, matrix = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if matrix.startswith('A') else 'up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(float(LCM_LORA_ALPHA))
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(kohya, directory / "pytorch_lora_weights.safetensors")
     unet.unload_lora()
 
 
