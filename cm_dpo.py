@@ -933,7 +933,7 @@ def load_lcm(args, device: torch.device, weight_dtype: torch.dtype):
     for module in (*text_encoders, vae, unet):
         module.requires_grad_(False).to(device).eval()
     w_conditioned = unet.config.time_cond_proj_dim is not None
-    if not (w_conditioned or args.lcm_lora):
+    if not (w_conditioned or args.lcm_lora) and os.environ.get("RANK", "0") == "0":  # once, not once per rank
         print("warning: this UNet takes no guidance input, so it may not be a consistency model; pass an LCM with "
               "--model or --unet, or fuse one in with --lcm-lora")
 

@@ -107,6 +107,14 @@ def test_a_unet_without_guidance_input_gets_one_warning_unless_an_lcm_lora_is_fu
         assert len(warnings) == warned, (flags, warnings)
 
 
+def test_under_torchrun_only_rank_0_warns(bases, capsys, monkeypatch):
+    flags = {"model": str(bases["sd_base"]), "resolution": 32}
+    for rank, warned in [("1", False), ("0", True)]:
+        monkeypatch.setenv("RANK", rank)  # as torchrun sets it
+        rocm_kl.load_lcm(rocm_kl.Args(**flags), torch.device("cpu"), torch.float32)
+        assert ("warning:" in capsys.readouterr().out) == warned, rank
+
+
 def test_the_warning_names_the_fixes(bases, capsys):
     rocm_kl.load_lcm(rocm_kl.Args(model=str(bases["sdxl_base"]), resolution=32), torch.device("cpu"), torch.float32)
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
